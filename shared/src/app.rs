@@ -1,0 +1,123 @@
+//! What every service binary does around its `run`: flags, config, logs, signals, exit code.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::de::DeserializeOwned;
+
+use crate::config::{self, ServiceSpec, ShutdownConfig, TelemetryConfig, Validate};
+use crate::shutdown::{os_signal, Shutdown};
+
+/// Exit code when the grace period ran out before in-flight work finished.
+pub const GRACE_EXPIRED_EXIT_CODE: u8 = 3;
+
+/// A service's config, as [`main`] needs it.
+pub trait ServiceConfig: DeserializeOwned + Validate {
+    /// Log and metrics settings.
+    fn telemetry(&self) -> &TelemetryConfig;
+    /// Shutdown settings.
+    fn shutdown(&self) -> &ShutdownConfig;
+}
+
+#[derive(Debug, Parser)]
+#[command(version, about = None)]
+struct Cli {
+    /// TOML config file; its keys are overridden by the environment.
+    #[arg(long, env = "CONFIG_FILE", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Load and check the config, print it with secrets masked, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// Runs a service binary to completion and returns its exit code:
+/// 0 after a clean stop, 1 when `run` failed, 2 for a bad config or bad flags,
+/// 3 when shutdown overran the grace period, 130 on a second signal.
+pub fn main<C, F, Fut, E>(spec: &ServiceSpec, run: F) -> ExitCode
+where
+    C: ServiceConfig + std::fmt::Debug,
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let cli = Cli::parse();
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let config: C = match config::load(spec, cli.config.as_deref(), &env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: {e}", spec.name);
+            return ExitCode::from(config::CONFIG_EXIT_CODE as u8);
+        }
+    };
+    if cli.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    crate::telemetry::init(config.telemetry().log_format);
+    let grace = config.shutdown().grace_period();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot start the async runtime.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(supervise(spec, config, grace, run));
+    // Blocking metadata probes may still be parked in librdkafka; don't wait on them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+async fn supervise<C, F, Fut, E>(spec: &ServiceSpec, config: C, grace: Duration, run: F) -> ExitCode
+where
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let shutdown = Shutdown::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        match os_signal().await {
+            Ok(signal) => tracing::info!(signal, grace_period_secs = grace.as_secs(), "Shutdown requested; draining."),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot listen for signals; stopping.");
+            }
+        }
+        signals.trigger();
+        if os_signal().await.is_ok() {
+            tracing::error!("Second signal; exiting without draining.");
+            std::process::exit(130);
+        }
+    });
+
+    tracing::info!(service = spec.name, version = env!("CARGO_PKG_VERSION"), "Starting.");
+    let overrun = async {
+        shutdown.triggered().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = run(config, shutdown.clone()) => match result {
+            Ok(()) => {
+                tracing::info!("Stopped cleanly.");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Service failed.");
+                ExitCode::FAILURE
+            }
+        },
+        () = overrun => {
+            tracing::error!(
+                grace_period_secs = grace.as_secs(),
+                still_running = ?shutdown.still_running(),
+                "Shutdown grace period elapsed before in-flight work finished; exiting."
+            );
+            ExitCode::from(GRACE_EXPIRED_EXIT_CODE)
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! Layered configuration: defaults, then a TOML file, then the environment.
+//!
+//! Every service reads its own documented config struct through [`load`]. The layers, later
+//! ones winning, are:
+//! 1. the struct's defaults (and the service's default metrics port);
+//! 2. a TOML file named by `--config PATH` or `CONFIG_FILE`;
+//! 3. the fleet-wide short names `REDIS_URL`, `KAFKA_BROKERS`, `AMQP_URL`, `METRICS_ADDR` and
+//!    `LOG_FORMAT`, each applied only when the service has that setting;
+//! 4. `<SERVICE>__<SECTION>__<KEY>` for any other setting, for example
+//!    `ORDER_CACHER__KAFKA__GROUP_ID` or `CACHE_UPDATER__SHUTDOWN__GRACE_PERIOD_SECS`.
+//!
+//! Unknown keys and invalid values fail with a [`ConfigError`] that names the key, which the
+//! binaries print as one line before exiting with code 2.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::error::{Actual, Kind};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::secret::{RedactedUrl, Secret};
+
+/// Exit code of a binary that refused its configuration.
+pub const CONFIG_EXIT_CODE: i32 = 2;
+
+/// Identity of a service, used for its env prefix, metric names and defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceSpec {
+    /// Kebab-case service name, such as `order-cacher`.
+    pub name: &'static str,
+    /// Port of the metrics and health server when `METRICS_ADDR` is not set.
+    pub default_metrics_port: u16,
+    /// Which fleet-wide short env names this service takes.
+    pub short_env: &'static [ShortEnv],
+}
+
+impl ServiceSpec {
+    /// Prefix of the service's env variables: `ORDER_CACHER__` for `order-cacher`.
+    pub fn env_prefix(&self) -> String {
+        format!("{}__", self.name.to_uppercase().replace('-', "_"))
+    }
+
+    /// Metric namespace: `order_cacher` for `order-cacher`.
+    pub fn metric_namespace(&self) -> String {
+        self.name.replace('-', "_")
+    }
+}
+
+/// The short env names shared by the whole fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortEnv {
+    /// `REDIS_URL` sets `redis.url`.
+    RedisUrl,
+    /// `KAFKA_BROKERS` sets `kafka.brokers`.
+    KafkaBrokers,
+    /// `AMQP_URL` sets `amqp.url`.
+    AmqpUrl,
+}
+
+impl ShortEnv {
+    fn var(self) -> &'static str {
+        match self {
+            ShortEnv::RedisUrl => "REDIS_URL",
+            ShortEnv::KafkaBrokers => "KAFKA_BROKERS",
+            ShortEnv::AmqpUrl => "AMQP_URL",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            ShortEnv::RedisUrl => "redis.url",
+            ShortEnv::KafkaBrokers => "kafka.brokers",
+            ShortEnv::AmqpUrl => "amqp.url",
+        }
+    }
+}
+
+/// A configuration that could not be accepted. Its `Display` is one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key had a value of the wrong type or form, or was not a known key.
+    #[error("config error: key `{key}`{origin}: {message}")]
+    Invalid {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    /// The config file could not be read or parsed.
+    #[error("config error: file `{path}`: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    /// An invalid value found by a service's own checks after deserialization.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            origin: String::new(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A config struct that can check itself beyond what its types enforce.
+pub trait Validate {
+    /// Returns the first invalid setting, naming its key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// Loads `T` from the layers described in the module docs.
+///
+/// `config_file` comes from `--config` or `CONFIG_FILE`; `env` is the process environment,
+/// passed in so tests need not mutate it.
+pub fn load<T>(
+    spec: &ServiceSpec,
+    config_file: Option<&std::path::Path>,
+    env: &BTreeMap<String, String>,
+) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+{
+    let mut figment = Figment::new().merge(Serialized::default(
+        "telemetry.metrics_addr",
+        SocketAddr::from(([127, 0, 0, 1], spec.default_metrics_port)),
+    ));
+
+    if let Some(path) = config_file {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        // Parse up front so a syntax error names the file rather than a key.
+        text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: one_line(e.message()),
+        })?;
+        figment = figment.merge(Toml::file(path));
+    }
+
+    let mut short: Vec<(&str, &str)> = spec
+        .short_env
+        .iter()
+        .map(|s| (s.var(), s.key()))
+        .collect();
+    short.push(("METRICS_ADDR", "telemetry.metrics_addr"));
+    short.push(("LOG_FORMAT", "telemetry.log_format"));
+    for (var, key) in short {
+        if let Some(value) = env.get(var) {
+            figment = figment.merge(EnvVar::new(var, key, value.as_str().into()));
+        }
+    }
+
+    let prefix = spec.env_prefix();
+    for (var, value) in env.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        let key = var[prefix.len()..].to_lowercase().replace("__", ".");
+        // Values are parsed like TOML scalars, so `true` and `5` arrive as bool and int.
+        let parsed: Value = value.parse().unwrap_or_else(|never| match never {});
+        figment = figment.merge(EnvVar::new(var, &key, parsed));
+    }
+
+    let config: T = figment.extract().map_err(from_figment)?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One environment variable as a figment layer, named after the variable so errors say
+/// where a bad value came from.
+struct EnvVar {
+    var: String,
+    data: Value,
+}
+
+impl EnvVar {
+    fn new(var: &str, key: &str, value: Value) -> Self {
+        // librdkafka property names are dotted; in env names their dots are written `_`.
+        let data = match key.strip_prefix("kafka.properties.") {
+            Some(property) => {
+                let mut map = figment::value::Dict::new();
+                map.insert(property.replace('_', "."), value);
+                figment::util::nest("kafka.properties", map.into())
+            }
+            None => figment::util::nest(key, value),
+        };
+        Self {
+            var: var.to_string(),
+            data,
+        }
+    }
+}
+
+impl Provider for EnvVar {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.var.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(&self.data).data()
+    }
+}
+
+fn from_figment(err: figment::Error) -> ConfigError {
+    let err = err.into_iter().next().expect("a figment error holds one error");
+    let path = &err.path;
+    let origin = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    // Say what kind of value was wrong, never the value: it may be a password.
+    let hide = |actual: &Actual| match actual {
+        Actual::Str(_) => "a string".to_string(),
+        Actual::Bytes(_) => "bytes".to_string(),
+        other => other.to_string(),
+    };
+    let message = match &err.kind {
+        Kind::InvalidType(actual, expected) => {
+            format!("invalid type: found {}, expected {expected}", hide(actual))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!("invalid value: found {}, expected {expected}", hide(actual))
+        }
+        other => other.to_string(),
+    };
+    ConfigError::Invalid {
+        key: path.join("."),
+        origin,
+        message,
+    }
+}
+
+/// Where a service's Redis is and how to talk to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. ACL users go in the user part.
+    #[serde(default = "default_redis_url")]
+    pub url: RedactedUrl,
+    /// PEM file of a CA that signs the server's certificate, for `rediss://` with a private CA.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Connect timeout in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Timeout of one command or pipeline in milliseconds.
+    #[serde(default = "default_redis_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: default_redis_url(),
+            tls_ca_file: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            response_timeout_ms: default_redis_response_timeout_ms(),
+        }
+    }
+}
+
+fn default_redis_url() -> RedactedUrl {
+    RedactedUrl::parse("redis://127.0.0.1:6379").expect("default Redis URL parses")
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_redis_response_timeout_ms() -> u64 {
+    5_000
+}
+
+impl RedisConfig {
+    /// Checks the URL scheme.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.url.scheme() {
+            "redis" | "rediss" | "unix" | "redis+unix" => Ok(()),
+            other => Err(ConfigError::invalid(
+                "redis.url",
+                format!("unsupported scheme `{other}`, expected redis:// or rediss://"),
+            )),
+        }
+    }
+}
+
+/// Where the Kafka cluster is, plus any librdkafka property.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap brokers.
+    #[serde(default = "default_kafka_brokers")]
+    pub brokers: String,
+    /// librdkafka properties passed through as they are, for example `security.protocol`,
+    /// `sasl.mechanism`, `sasl.username`, `sasl.password` or `ssl.ca.location`.
+    /// Values of properties whose name contains `password` or `secret` are never logged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, Secret>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_kafka_brokers(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_kafka_brokers() -> String {
+    "127.0.0.1:9092".to_string()
+}
+
+impl KafkaConfig {
+    /// Checks that brokers are given.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        if self.properties.contains_key("bootstrap.servers") {
+            return Err(ConfigError::invalid(
+                "kafka.properties.bootstrap.servers",
+                "set kafka.brokers instead",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where RabbitMQ is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:port/vhost` or `amqps://` for TLS.
+    #[serde(default = "default_amqp_url")]
+    pub url: RedactedUrl,
+    /// PEM file of a CA that signs the server's certificate, for `amqps://` with a private CA.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: default_amqp_url(),
+            tls_ca_file: None,
+        }
+    }
+}
+
+fn default_amqp_url() -> RedactedUrl {
+    RedactedUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2f").expect("default AMQP URL parses")
+}
+
+impl AmqpConfig {
+    /// Checks the URL scheme.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.url.scheme() {
+            "amqp" | "amqps" => Ok(()),
+            other => Err(ConfigError::invalid(
+                "amqp.url",
+                format!("unsupported scheme `{other}`, expected amqp:// or amqps://"),
+            )),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Logs, metrics and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: SocketAddr,
+    /// `json` or `text`. The filter comes from `RUST_LOG` (default `info`).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Seconds that in-flight work has to finish after SIGTERM or SIGINT before the process
+    /// gives up and exits non-zero.
+    #[serde(default = "default_grace_period_secs")]
+    pub grace_period_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period_secs: default_grace_period_secs(),
+        }
+    }
+}
+
+impl ShutdownConfig {
+    /// The grace period as a duration.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+fn default_grace_period_secs() -> u64 {
+    30
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TestConfig {
+        #[serde(default)]
+        redis: RedisConfig,
+        #[serde(default)]
+        kafka: KafkaConfig,
+        telemetry: TelemetryConfig,
+        #[serde(default)]
+        shutdown: ShutdownConfig,
+        #[serde(default = "five")]
+        batch_size: usize,
+    }
+
+    fn five() -> usize {
+        5
+    }
+
+    impl Validate for TestConfig {
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.redis.validate()?;
+            self.kafka.validate()
+        }
+    }
+
+    const SPEC: ServiceSpec = ServiceSpec {
+        name: "test-svc",
+        default_metrics_port: 9999,
+        short_env: &[ShortEnv::RedisUrl, ShortEnv::KafkaBrokers],
+    };
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load_env(pairs: &[(&str, &str)]) -> Result<TestConfig, ConfigError> {
+        load(&SPEC, None, &env(pairs))
+    }
+
+    #[test]
+    fn defaults_apply_without_any_input() {
+        let c = load_env(&[]).unwrap();
+        assert_eq!(c.telemetry.metrics_addr.port(), 9999);
+        assert_eq!(c.redis.url.scheme(), "redis");
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.batch_size, 5);
+        assert_eq!(c.telemetry.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn short_and_prefixed_env_names_set_values() {
+        let c = load_env(&[
+            ("REDIS_URL", "redis://alice:pw@10.0.0.1:6380/2"),
+            ("KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("METRICS_ADDR", "0.0.0.0:9200"),
+            ("LOG_FORMAT", "text"),
+            ("TEST_SVC__BATCH_SIZE", "64"),
+            ("TEST_SVC__SHUTDOWN__GRACE_PERIOD_SECS", "7"),
+            ("TEST_SVC__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+            ("AMQP_URL", "amqp://ignored-because-the-service-has-no-amqp"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.url.expose(), "redis://alice:pw@10.0.0.1:6380/2");
+        assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(c.telemetry.metrics_addr.port(), 9200);
+        assert_eq!(c.telemetry.log_format, LogFormat::Text);
+        assert_eq!(c.batch_size, 64);
+        assert_eq!(c.shutdown.grace_period_secs, 7);
+        assert_eq!(c.kafka.properties["sasl.password"].expose(), "hunter2");
+    }
+
+    #[test]
+    fn env_overrides_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("fleet-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "batch_size = 10\n[shutdown]\ngrace_period_secs = 3\n").unwrap();
+        let c: TestConfig = load(&SPEC, Some(&path), &env(&[("TEST_SVC__BATCH_SIZE", "11")])).unwrap();
+        assert_eq!(c.batch_size, 11);
+        assert_eq!(c.shutdown.grace_period_secs, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_env(&[("TEST_SVC__REDIS__URLL", "x")]).unwrap_err().to_string();
+        assert!(err.contains("`redis.urll`"), "{err}");
+        assert!(err.contains("TEST_SVC__REDIS__URLL"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let err = load_env(&[("TEST_SVC__BATCH_SIZE", "many")]).unwrap_err().to_string();
+        assert!(err.contains("`batch_size`"), "{err}");
+        let err = load_env(&[("METRICS_ADDR", "nowhere")]).unwrap_err().to_string();
+        assert!(err.contains("`telemetry.metrics_addr`"), "{err}");
+        assert!(err.contains("METRICS_ADDR"), "{err}");
+        let err = load_env(&[("REDIS_URL", "http://x")]).unwrap_err().to_string();
+        assert!(err.contains("`redis.url`"), "{err}");
+        let err = load_env(&[("REDIS_URL", "not a url")]).unwrap_err().to_string();
+        assert!(err.contains("`redis.url`"), "{err}");
+        assert!(!err.contains("not a url"), "the raw value may hold a secret: {err}");
+        let err = load_env(&[("LOG_FORMAT", "xml")]).unwrap_err().to_string();
+        assert!(err.contains("`telemetry.log_format`"), "{err}");
+    }
+
+    #[test]
+    fn bad_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("fleet-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "batch_size = [").unwrap();
+        let err = load::<TestConfig>(&SPEC, Some(&path), &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let err = load::<TestConfig>(&SPEC, Some(&dir.join("missing.toml")), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}
