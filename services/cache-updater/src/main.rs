@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    fleet::app::main(&cache_updater::SPEC, cache_updater::run)
+}

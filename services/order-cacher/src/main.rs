@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    fleet::app::main(&order_cacher::SPEC, order_cacher::run)
+}

@@ -1,0 +1,40 @@
+//! The order-cacher configuration. See `docs/configuration.md` for every key and its env name.
+
+use fleet::app::ServiceConfig;
+use fleet::config::{KafkaConfig, RedisConfig, ConfigError, ShutdownConfig, TelemetryConfig, Validate};
+use serde::Deserialize;
+
+/// Everything order-cacher can be told. Unknown keys are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderCacherConfig {
+    /// Redis connection.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Kafka connection and librdkafka properties.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Logs, metrics and health endpoints.
+    pub telemetry: TelemetryConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+impl Validate for OrderCacherConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.redis.validate()?;
+        self.kafka.validate()?;
+        Ok(())
+    }
+}
+
+impl ServiceConfig for OrderCacherConfig {
+    fn telemetry(&self) -> &TelemetryConfig {
+        &self.telemetry
+    }
+
+    fn shutdown(&self) -> &ShutdownConfig {
+        &self.shutdown
+    }
+}
