@@ -49,7 +49,10 @@ pub async fn connect_with_retry(
     shutdown: &Shutdown,
 ) -> Option<Connection> {
     tracing::info!(url = %config.url, "Connecting to RabbitMQ.");
-    let conn = crate::retry::until_ok("amqp connect", shutdown, || connect(config, connection_name)).await?;
+    let conn = crate::retry::until_ok("amqp connect", shutdown, || {
+        connect(config, connection_name)
+    })
+    .await?;
     status.set_up(true);
     Some(conn)
 }

@@ -60,30 +60,35 @@ where
     crate::telemetry::init(config.telemetry().log_format);
     let grace = config.shutdown().grace_period();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the async runtime.");
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(supervise(spec, config, grace, run));
+    let code = runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        spawn_signal_listener(shutdown.clone(), grace);
+        supervise(spec, config, grace, shutdown, run).await
+    });
     // Blocking metadata probes may still be parked in librdkafka; don't wait on them.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
-async fn supervise<C, F, Fut, E>(spec: &ServiceSpec, config: C, grace: Duration, run: F) -> ExitCode
-where
-    F: FnOnce(C, Shutdown) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let shutdown = Shutdown::new();
-    let signals = shutdown.clone();
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+fn spawn_signal_listener(signals: Shutdown, grace: Duration) {
     tokio::spawn(async move {
         match os_signal().await {
-            Ok(signal) => tracing::info!(signal, grace_period_secs = grace.as_secs(), "Shutdown requested; draining."),
+            Ok(signal) => tracing::info!(
+                signal,
+                grace_period_secs = grace.as_secs(),
+                "Shutdown requested; draining."
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "Cannot listen for signals; stopping.");
             }
@@ -94,8 +99,26 @@ where
             std::process::exit(130);
         }
     });
+}
 
-    tracing::info!(service = spec.name, version = env!("CARGO_PKG_VERSION"), "Starting.");
+/// Runs the service and turns its end into an exit code, enforcing the grace period.
+async fn supervise<C, F, Fut, E>(
+    spec: &ServiceSpec,
+    config: C,
+    grace: Duration,
+    shutdown: Shutdown,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tracing::info!(
+        service = spec.name,
+        version = env!("CARGO_PKG_VERSION"),
+        "Starting."
+    );
     let overrun = async {
         shutdown.triggered().await;
         tokio::time::sleep(grace).await;
@@ -119,5 +142,68 @@ where
             );
             ExitCode::from(GRACE_EXPIRED_EXIT_CODE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ShortEnv;
+
+    const SPEC: ServiceSpec = ServiceSpec {
+        name: "test",
+        default_metrics_port: 1,
+        short_env: &[ShortEnv::RedisUrl],
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn clean_stop_exits_zero() {
+        let shutdown = Shutdown::new();
+        shutdown.trigger();
+        let code = supervise(
+            &SPEC,
+            (),
+            Duration::from_secs(5),
+            shutdown,
+            |(), s: Shutdown| async move {
+                s.triggered().await;
+                Ok::<_, String>(())
+            },
+        )
+        .await;
+        assert_eq!(code, ExitCode::SUCCESS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_exits_one() {
+        let code = supervise(
+            &SPEC,
+            (),
+            Duration::from_secs(5),
+            Shutdown::new(),
+            |(), _| async { Err::<(), _>("broken") },
+        )
+        .await;
+        assert_eq!(code, ExitCode::FAILURE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overrunning_the_grace_period_exits_three() {
+        let shutdown = Shutdown::new();
+        shutdown.trigger();
+        let code = supervise(
+            &SPEC,
+            (),
+            Duration::from_secs(5),
+            shutdown.clone(),
+            |(), s: Shutdown| async move {
+                s.spawn("stuck-writer", std::future::pending::<()>());
+                s.wait_for_tasks().await;
+                Ok::<_, String>(())
+            },
+        )
+        .await;
+        assert_eq!(code, ExitCode::from(GRACE_EXPIRED_EXIT_CODE));
+        assert_eq!(shutdown.still_running(), vec!["stuck-writer"]);
     }
 }

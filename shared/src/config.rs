@@ -17,9 +17,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use figment::error::{Actual, Kind};
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
-use figment::error::{Actual, Kind};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -145,11 +145,7 @@ where
         figment = figment.merge(Toml::file(path));
     }
 
-    let mut short: Vec<(&str, &str)> = spec
-        .short_env
-        .iter()
-        .map(|s| (s.var(), s.key()))
-        .collect();
+    let mut short: Vec<(&str, &str)> = spec.short_env.iter().map(|s| (s.var(), s.key())).collect();
     short.push(("METRICS_ADDR", "telemetry.metrics_addr"));
     short.push(("LOG_FORMAT", "telemetry.log_format"));
     for (var, key) in short {
@@ -211,7 +207,10 @@ impl Provider for EnvVar {
 }
 
 fn from_figment(err: figment::Error) -> ConfigError {
-    let err = err.into_iter().next().expect("a figment error holds one error");
+    let err = err
+        .into_iter()
+        .next()
+        .expect("a figment error holds one error");
     let path = &err.path;
     let origin = err
         .metadata
@@ -509,15 +508,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fleet-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "batch_size = 10\n[shutdown]\ngrace_period_secs = 3\n").unwrap();
-        let c: TestConfig = load(&SPEC, Some(&path), &env(&[("TEST_SVC__BATCH_SIZE", "11")])).unwrap();
+        std::fs::write(
+            &path,
+            "batch_size = 10\n[shutdown]\ngrace_period_secs = 3\n",
+        )
+        .unwrap();
+        let c: TestConfig =
+            load(&SPEC, Some(&path), &env(&[("TEST_SVC__BATCH_SIZE", "11")])).unwrap();
         assert_eq!(c.batch_size, 11);
         assert_eq!(c.shutdown.grace_period_secs, 3);
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = load_env(&[("TEST_SVC__REDIS__URLL", "x")]).unwrap_err().to_string();
+        let err = load_env(&[("TEST_SVC__REDIS__URLL", "x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`redis.urll`"), "{err}");
         assert!(err.contains("TEST_SVC__REDIS__URLL"), "{err}");
         assert!(!err.contains('\n'), "{err}");
@@ -525,16 +531,27 @@ mod tests {
 
     #[test]
     fn invalid_value_is_named() {
-        let err = load_env(&[("TEST_SVC__BATCH_SIZE", "many")]).unwrap_err().to_string();
+        let err = load_env(&[("TEST_SVC__BATCH_SIZE", "many")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`batch_size`"), "{err}");
-        let err = load_env(&[("METRICS_ADDR", "nowhere")]).unwrap_err().to_string();
+        let err = load_env(&[("METRICS_ADDR", "nowhere")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`telemetry.metrics_addr`"), "{err}");
         assert!(err.contains("METRICS_ADDR"), "{err}");
-        let err = load_env(&[("REDIS_URL", "http://x")]).unwrap_err().to_string();
+        let err = load_env(&[("REDIS_URL", "http://x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`redis.url`"), "{err}");
-        let err = load_env(&[("REDIS_URL", "not a url")]).unwrap_err().to_string();
+        let err = load_env(&[("REDIS_URL", "not a url")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`redis.url`"), "{err}");
-        assert!(!err.contains("not a url"), "the raw value may hold a secret: {err}");
+        assert!(
+            !err.contains("not a url"),
+            "the raw value may hold a secret: {err}"
+        );
         let err = load_env(&[("LOG_FORMAT", "xml")]).unwrap_err().to_string();
         assert!(err.contains("`telemetry.log_format`"), "{err}");
     }
@@ -545,7 +562,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bad.toml");
         std::fs::write(&path, "batch_size = [").unwrap();
-        let err = load::<TestConfig>(&SPEC, Some(&path), &env(&[])).unwrap_err().to_string();
+        let err = load::<TestConfig>(&SPEC, Some(&path), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad.toml"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         let err = load::<TestConfig>(&SPEC, Some(&dir.join("missing.toml")), &env(&[]))

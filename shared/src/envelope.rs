@@ -144,12 +144,14 @@ pub fn version_field(
 ) -> Result<Option<Version>, PayloadError> {
     match payload.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => Version::from_json(value)
-            .map(Some)
-            .map_err(|source| PayloadError::InvalidVersion {
-                field: field.to_string(),
-                source,
-            }),
+        Some(value) => {
+            Version::from_json(value)
+                .map(Some)
+                .map_err(|source| PayloadError::InvalidVersion {
+                    field: field.to_string(),
+                    source,
+                })
+        }
     }
 }
 
@@ -180,7 +182,9 @@ mod tests {
         ));
         assert_eq!(
             ChangeEnvelope::from_slice(br#"{"op":"upsert","value":1}"#, 1024).unwrap_err(),
-            PayloadError::MissingField { field: "key".into() }
+            PayloadError::MissingField {
+                field: "key".into()
+            }
         );
         assert_eq!(
             ChangeEnvelope::from_slice(br#"{"op":"upsert","key":"k"}"#, 1024).unwrap_err(),
@@ -199,19 +203,30 @@ mod tests {
                 limit: 1024
             }
         );
-        let delete = ChangeEnvelope::from_slice(br#"{"op":"delete","key":"k","version":"3"}"#, 1024)
-            .unwrap();
+        let delete =
+            ChangeEnvelope::from_slice(br#"{"op":"delete","key":"k","version":"3"}"#, 1024)
+                .unwrap();
         assert_eq!(delete.version, Some(Version::new(3)));
     }
 
     #[test]
     fn plain_payload_helpers() {
-        let p = parse_object(br#"{"order_id":"1","version":"2024-01-01T00:00:00Z"}"#, 1024).unwrap();
+        let p = parse_object(
+            br#"{"order_id":"1","version":"2024-01-01T00:00:00Z"}"#,
+            1024,
+        )
+        .unwrap();
         assert!(version_field(&p, "version").unwrap().is_some());
         assert_eq!(version_field(&p, "absent").unwrap(), None);
-        assert_eq!(parse_object(b"[1]", 1024).unwrap_err(), PayloadError::NotObject);
+        assert_eq!(
+            parse_object(b"[1]", 1024).unwrap_err(),
+            PayloadError::NotObject
+        );
         assert_eq!(parse_object(b"{", 1024).unwrap_err().reason(), "not_json");
         let p = parse_object(br#"{"version":true}"#, 1024).unwrap();
-        assert_eq!(version_field(&p, "version").unwrap_err().reason(), "invalid_version");
+        assert_eq!(
+            version_field(&p, "version").unwrap_err().reason(),
+            "invalid_version"
+        );
     }
 }

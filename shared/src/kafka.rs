@@ -39,8 +39,12 @@ mod tests {
     #[test]
     fn properties_pass_through_and_secrets_stay_hidden() {
         let mut config = KafkaConfig::default();
-        config.properties.insert("security.protocol".into(), Secret::new("SASL_SSL"));
-        config.properties.insert("sasl.password".into(), Secret::new("hunter2"));
+        config
+            .properties
+            .insert("security.protocol".into(), Secret::new("SASL_SSL"));
+        config
+            .properties
+            .insert("sasl.password".into(), Secret::new("hunter2"));
         let client = client_config(&config);
         assert_eq!(client.get("bootstrap.servers"), Some("127.0.0.1:9092"));
         assert_eq!(client.get("sasl.password"), Some("hunter2"));

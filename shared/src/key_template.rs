@@ -76,7 +76,10 @@ impl KeyTemplate {
                 }
                 b'}' => return Err(TemplateError::Unbalanced(i)),
                 _ => {
-                    let ch = source[i..].chars().next().expect("index is on a char boundary");
+                    let ch = source[i..]
+                        .chars()
+                        .next()
+                        .expect("index is on a char boundary");
                     literal.push(ch);
                     i += ch.len_utf8();
                 }
@@ -110,14 +113,19 @@ impl KeyTemplate {
     /// Fills the template from a JSON object, appending the key to `out`.
     ///
     /// Writing into a caller's buffer lets a batch reuse one allocation.
-    pub fn render_into(&self, payload: &Map<String, Value>, out: &mut String) -> Result<(), PayloadError> {
+    pub fn render_into(
+        &self,
+        payload: &Map<String, Value>,
+        out: &mut String,
+    ) -> Result<(), PayloadError> {
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
                 Part::Field(path) => {
-                    let value = lookup(payload, path).ok_or_else(|| PayloadError::MissingField {
-                        field: path.join("."),
-                    })?;
+                    let value =
+                        lookup(payload, path).ok_or_else(|| PayloadError::MissingField {
+                            field: path.join("."),
+                        })?;
                     match value {
                         Value::String(s) if !s.is_empty() => out.push_str(s),
                         Value::Number(n) if n.is_i64() || n.is_u64() => {

@@ -41,8 +41,11 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let up = IntGaugeVec::new(
-            Opts::new("dependency_up", "1 while the connection to a dependency is up.")
-                .namespace(namespace),
+            Opts::new(
+                "dependency_up",
+                "1 while the connection to a dependency is up.",
+            )
+            .namespace(namespace),
             &["dependency"],
         )?;
         registry.register(Box::new(up.clone()))?;
@@ -84,8 +87,16 @@ impl Metrics {
     }
 
     /// Registers a labelled counter. Labels must come from a small fixed vocabulary.
-    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricError> {
-        let c = IntCounterVec::new(Opts::new(name, help).namespace(self.namespace.as_str()), labels)?;
+    pub fn counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, MetricError> {
+        let c = IntCounterVec::new(
+            Opts::new(name, help).namespace(self.namespace.as_str()),
+            labels,
+        )?;
         self.registry.register(Box::new(c.clone()))?;
         Ok(c)
     }
@@ -98,14 +109,27 @@ impl Metrics {
     }
 
     /// Registers a labelled gauge.
-    pub fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricError> {
-        let g = IntGaugeVec::new(Opts::new(name, help).namespace(self.namespace.as_str()), labels)?;
+    pub fn gauge_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, MetricError> {
+        let g = IntGaugeVec::new(
+            Opts::new(name, help).namespace(self.namespace.as_str()),
+            labels,
+        )?;
         self.registry.register(Box::new(g.clone()))?;
         Ok(g)
     }
 
     /// Registers a histogram with the given bucket bounds (base units, e.g. seconds).
-    pub fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, MetricError> {
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: Vec<f64>,
+    ) -> Result<Histogram, MetricError> {
         let h = Histogram::with_opts(
             HistogramOpts::new(name, help)
                 .namespace(self.namespace.as_str())
@@ -145,8 +169,8 @@ impl Metrics {
 /// Latency buckets from 100 µs to 10 s, for Redis and broker round trips.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        2.5, 5.0, 10.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
     ]
 }
 
@@ -292,7 +316,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
             .expect("static response parts are valid")
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), "text/plain");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".into(),
+            "text/plain",
+        );
     }
     match req.uri().path() {
         "/metrics" => text(
@@ -342,7 +370,10 @@ mod tests {
         c.inc();
         let text = metrics.render();
         assert!(text.contains("test_expo_build_info{version=\""), "{text}");
-        assert!(text.contains("test_expo_dependency_up{dependency=\"redis\"} 1"), "{text}");
+        assert!(
+            text.contains("test_expo_dependency_up{dependency=\"redis\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("test_expo_things_total 1"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("process_open_fds"), "{text}");

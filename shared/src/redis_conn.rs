@@ -64,7 +64,12 @@ pub async fn connect_with_retry(
 pub async fn probe(conn: ConnectionManager, status: DependencyStatus, shutdown: Shutdown) {
     crate::retry::probe_loop(status, shutdown, Duration::from_secs(2), move || {
         let mut conn = conn.clone();
-        async move { redis::cmd("PING").query_async::<()>(&mut conn).await.is_ok() }
+        async move {
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .is_ok()
+        }
     })
     .await
 }

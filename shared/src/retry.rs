@@ -86,7 +86,13 @@ mod tests {
         let got = until_ok("test", &shutdown, || {
             attempts += 1;
             let n = attempts;
-            async move { if n < 4 { Err("not yet") } else { Ok(n) } }
+            async move {
+                if n < 4 {
+                    Err("not yet")
+                } else {
+                    Ok(n)
+                }
+            }
         })
         .await;
         assert_eq!(got, Some(4));

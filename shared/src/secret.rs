@@ -14,7 +14,9 @@ pub struct RedactedUrl(Url);
 impl RedactedUrl {
     /// Parses a URL. The error never repeats the input, which may hold a password.
     pub fn parse(text: &str) -> Result<Self, InvalidUrl> {
-        Url::parse(text).map(Self).map_err(|e| InvalidUrl(e.to_string()))
+        Url::parse(text)
+            .map(Self)
+            .map_err(|e| InvalidUrl(e.to_string()))
     }
 
     /// The URL with its password, for the client library only.
@@ -91,9 +93,15 @@ impl fmt::Debug for Secret {
 /// `sasl.oauthbearer.client.secret`, `ssl.key.pem`).
 pub fn is_sensitive_property(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "key.pem", "sasl.oauthbearer.config", "token"]
-        .iter()
-        .any(|word| name.contains(word))
+    [
+        "password",
+        "secret",
+        "key.pem",
+        "sasl.oauthbearer.config",
+        "token",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 #[cfg(test)]

@@ -117,7 +117,8 @@ mod tests {
         shutdown.spawn("stubborn", tokio::time::sleep(Duration::from_secs(3600)));
         assert_eq!(shutdown.still_running(), vec!["quick", "stubborn"]);
         shutdown.trigger();
-        let waited = tokio::time::timeout(Duration::from_millis(200), shutdown.wait_for_tasks()).await;
+        let waited =
+            tokio::time::timeout(Duration::from_millis(200), shutdown.wait_for_tasks()).await;
         assert!(waited.is_err(), "the stubborn task keeps the tracker open");
         assert_eq!(shutdown.still_running(), vec!["stubborn"]);
     }

@@ -63,7 +63,10 @@ impl std::str::FromStr for Version {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-            return s.parse::<u64>().map(Self).map_err(|_| VersionError::OutOfRange);
+            return s
+                .parse::<u64>()
+                .map(Self)
+                .map_err(|_| VersionError::OutOfRange);
         }
         let ts = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| VersionError::Unparsable)?;
         let nanos = ts.unix_timestamp_nanos();
@@ -140,7 +143,10 @@ mod tests {
         let b = Version::from_json(&json!("2023-01-01T10:00:00.000001Z")).unwrap();
         let c = Version::from_json(&json!("2023-01-01T11:00:00+01:00")).unwrap();
         assert!(a < b);
-        assert_eq!(a, c, "the same instant in another offset is the same version");
+        assert_eq!(
+            a, c,
+            "the same instant in another offset is the same version"
+        );
         assert_eq!(a.get(), 1_672_567_200_000_000_000);
     }
 

@@ -73,7 +73,11 @@ pub struct CacheWrite {
 
 impl CacheWrite {
     /// An upsert.
-    pub fn upsert(key: impl Into<String>, value: impl Into<Vec<u8>>, version: Option<Version>) -> Self {
+    pub fn upsert(
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        version: Option<Version>,
+    ) -> Self {
         Self {
             key: key.into(),
             change: Change::Upsert(value.into()),
@@ -340,7 +344,8 @@ impl VersionGuard {
                     let mut cmd = redis::cmd("EVALSHA");
                     cmd.arg(self.script.get_hash()).arg(indices.len() * 2);
                     for &index in indices {
-                        cmd.arg(&writes[index].key).arg(version_key(&writes[index].key));
+                        cmd.arg(&writes[index].key)
+                            .arg(version_key(&writes[index].key));
                     }
                     cmd.arg(&tombstone_ms);
                     for &index in indices {
@@ -348,9 +353,11 @@ impl VersionGuard {
                         let version = write.version.expect("guarded calls hold versioned writes");
                         let ttl_ms = write.ttl.map_or(0, |t| t.as_millis().max(1));
                         match &write.change {
-                            Change::Upsert(value) => {
-                                cmd.arg("u").arg(version.get()).arg(ttl_ms as u64).arg(value.as_slice())
-                            }
+                            Change::Upsert(value) => cmd
+                                .arg("u")
+                                .arg(version.get())
+                                .arg(ttl_ms as u64)
+                                .arg(value.as_slice()),
                             Change::Delete => cmd.arg("d").arg(version.get()).arg(0u64).arg(""),
                         };
                     }
@@ -392,7 +399,15 @@ mod tests {
 
     #[test]
     fn version_key_shares_the_slot() {
-        for key in ["order:1001", "user:{42}:profile", "a", "a{b", "{x", "{tag}rest", "ü:1"] {
+        for key in [
+            "order:1001",
+            "user:{42}:profile",
+            "a",
+            "a{b",
+            "{x",
+            "{tag}rest",
+            "ü:1",
+        ] {
             let vk = version_key(key);
             assert_eq!(cluster_slot(key), cluster_slot(&vk), "{key} vs {vk}");
             assert!(vk.starts_with(VERSION_KEY_PREFIX));
@@ -405,7 +420,10 @@ mod tests {
     fn slots_match_redis() {
         // Values from CLUSTER KEYSLOT on a real server.
         assert_eq!(cluster_slot("foo"), 12182);
-        assert_eq!(cluster_slot("{user1000}.following"), cluster_slot("user1000"));
+        assert_eq!(
+            cluster_slot("{user1000}.following"),
+            cluster_slot("user1000")
+        );
         assert_eq!(cluster_slot("123456789"), 12739);
     }
 
@@ -441,7 +459,9 @@ mod tests {
                 panic!("all writes are versioned")
             };
             let slot = cluster_slot(&writes[indices[0]].key);
-            assert!(indices.iter().all(|&i| cluster_slot(&writes[i].key) == slot));
+            assert!(indices
+                .iter()
+                .all(|&i| cluster_slot(&writes[i].key) == slot));
             assert!(indices.windows(2).all(|w| w[0] < w[1]), "order kept");
         }
     }

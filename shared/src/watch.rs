@@ -17,29 +17,43 @@ pub fn redis(config: &RedisConfig, metrics: &Metrics, shutdown: &Shutdown) {
     let status = metrics.readiness().dependency("redis");
     let (config, task_shutdown) = (config.clone(), shutdown.clone());
     shutdown.spawn("redis-watch", async move {
-        if let Some(conn) = crate::redis_conn::connect_with_retry(&config, &status, &task_shutdown).await {
+        if let Some(conn) =
+            crate::redis_conn::connect_with_retry(&config, &status, &task_shutdown).await
+        {
             crate::redis_conn::probe(conn, status, task_shutdown).await;
         }
     });
 }
 
 /// Probes the Kafka cluster in the background with metadata requests.
-pub fn kafka(config: &KafkaConfig, metrics: &Metrics, shutdown: &Shutdown) -> Result<(), rdkafka::error::KafkaError> {
+pub fn kafka(
+    config: &KafkaConfig,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<(), rdkafka::error::KafkaError> {
     let status = metrics.readiness().dependency("kafka");
     tracing::info!(brokers = %config.brokers, properties = %crate::kafka::describe_properties(config), "Watching Kafka.");
     let producer: Arc<BaseProducer> = Arc::new(crate::kafka::client_config(config).create()?);
     shutdown.spawn(
         "kafka-watch",
-        crate::retry::probe_loop(status, shutdown.clone(), Duration::from_secs(2), move || {
-            let producer = Arc::clone(&producer);
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    producer.client().fetch_metadata(None, Duration::from_secs(3)).is_ok()
-                })
-                .await
-                .unwrap_or(false)
-            }
-        }),
+        crate::retry::probe_loop(
+            status,
+            shutdown.clone(),
+            Duration::from_secs(2),
+            move || {
+                let producer = Arc::clone(&producer);
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        producer
+                            .client()
+                            .fetch_metadata(None, Duration::from_secs(3))
+                            .is_ok()
+                    })
+                    .await
+                    .unwrap_or(false)
+                }
+            },
+        ),
     );
     Ok(())
 }
@@ -48,9 +62,15 @@ pub fn kafka(config: &KafkaConfig, metrics: &Metrics, shutdown: &Shutdown) -> Re
 /// connection drops.
 pub fn amqp(config: &AmqpConfig, connection_name: &str, metrics: &Metrics, shutdown: &Shutdown) {
     let status = metrics.readiness().dependency("amqp");
-    let (config, name, task_shutdown) = (config.clone(), connection_name.to_string(), shutdown.clone());
+    let (config, name, task_shutdown) = (
+        config.clone(),
+        connection_name.to_string(),
+        shutdown.clone(),
+    );
     shutdown.spawn("amqp-watch", async move {
-        while let Some(conn) = crate::amqp::connect_with_retry(&config, &name, &status, &task_shutdown).await {
+        while let Some(conn) =
+            crate::amqp::connect_with_retry(&config, &name, &status, &task_shutdown).await
+        {
             while conn.status().connected() {
                 tokio::select! {
                     biased;

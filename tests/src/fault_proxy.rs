@@ -84,7 +84,8 @@ impl FaultProxy {
 
     /// Delays every chunk forwarded in either direction.
     pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     fn close_all(&self, reset: bool) {
@@ -102,7 +103,12 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>, mut closer: watch::Receiver<(u64, bool)>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    delay_ms: Arc<AtomicU64>,
+    mut closer: watch::Receiver<(u64, bool)>,
+) {
     let start = closer.borrow().0;
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();

@@ -37,10 +37,16 @@ pub fn socket_addr_of(url_or_host_port: &str) -> SocketAddr {
             url.host_str().unwrap_or("127.0.0.1"),
             url.port_or_known_default().unwrap_or(6379)
         ),
-        _ => url_or_host_port.split(',').next().unwrap_or_default().to_string(),
+        _ => url_or_host_port
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     };
     let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port.parse().unwrap_or_else(|_| panic!("{host_port} is not host:port"))
+    host_port
+        .parse()
+        .unwrap_or_else(|_| panic!("{host_port} is not host:port"))
 }
 
 /// The folder `scripts/deps` keeps broker state in (TLS material lives in `tls/`).

@@ -105,7 +105,9 @@ impl ServiceBuilder {
             std::fs::write(&path, toml)?;
             command.arg("--config").arg(&path);
         }
-        let child = command.spawn().with_context(|| format!("spawn {}", self.name))?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawn {}", self.name))?;
         Ok(Service {
             name: self.name,
             child,
@@ -147,7 +149,11 @@ impl Service {
 
     /// GETs a path and returns the status code and body.
     pub async fn get(&self, path: &str) -> Result<(u16, String)> {
-        let response = self.http.get(format!("{}{path}", self.http_base())).send().await?;
+        let response = self
+            .http
+            .get(format!("{}{path}", self.http_base()))
+            .send()
+            .await?;
         let status = response.status().as_u16();
         Ok((status, response.text().await?))
     }
@@ -163,7 +169,11 @@ impl Service {
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
             if let Some(exit) = self.child.try_wait()? {
-                bail!("{} exited with {exit} while waiting for /readyz {status}; logs:\n{}", self.name, self.logs());
+                bail!(
+                    "{} exited with {exit} while waiting for /readyz {status}; logs:\n{}",
+                    self.name,
+                    self.logs()
+                );
             }
             match self.get("/readyz").await {
                 Ok((code, _)) if code == status => return Ok(()),
@@ -172,7 +182,11 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("{} /readyz never answered {status} (last: {last}); logs:\n{}", self.name, self.logs())
+        bail!(
+            "{} /readyz never answered {status} (last: {last}); logs:\n{}",
+            self.name,
+            self.logs()
+        )
     }
 
     /// The `/metrics` text.
@@ -209,7 +223,11 @@ impl Service {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}; logs:\n{}", self.name, self.logs());
+                bail!(
+                    "{} did not exit within {timeout:?}; logs:\n{}",
+                    self.name,
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

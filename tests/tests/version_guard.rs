@@ -20,9 +20,21 @@ async fn newer_wins_older_and_duplicates_are_dropped() -> anyhow::Result<()> {
     let g = guard();
     let v3 = br#"{"order_id":"1001","status":"paid","version":3}"#;
     let v2 = br#"{"order_id":"1001","status":"created","version":2}"#;
-    assert_eq!(g.upsert_if_newer(&mut conn, &key, v3, Version::new(3), None).await?, WriteOutcome::Applied);
-    assert_eq!(g.upsert_if_newer(&mut conn, &key, v2, Version::new(2), None).await?, WriteOutcome::Stale);
-    assert_eq!(g.upsert_if_newer(&mut conn, &key, v3, Version::new(3), None).await?, WriteOutcome::Duplicate);
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, v3, Version::new(3), None)
+            .await?,
+        WriteOutcome::Applied
+    );
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, v2, Version::new(2), None)
+            .await?,
+        WriteOutcome::Stale
+    );
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, v3, Version::new(3), None)
+            .await?,
+        WriteOutcome::Duplicate
+    );
     // Readers do a plain GET and see the JSON as written.
     let stored: Vec<u8> = conn.get(&key).await?;
     assert_eq!(stored, v3);
@@ -36,28 +48,41 @@ async fn delete_leaves_a_tombstone_that_stops_late_upserts() -> anyhow::Result<(
     let mut conn = redis().await?;
     let key = format!("{}:user:7", unique_name("vg"));
     let g = guard();
-    g.upsert_if_newer(&mut conn, &key, b"{\"v\":1}", Version::new(1), None).await?;
-    assert_eq!(g.delete_if_newer(&mut conn, &key, Version::new(5)).await?, WriteOutcome::Applied);
+    g.upsert_if_newer(&mut conn, &key, b"{\"v\":1}", Version::new(1), None)
+        .await?;
+    assert_eq!(
+        g.delete_if_newer(&mut conn, &key, Version::new(5)).await?,
+        WriteOutcome::Applied
+    );
     let value: Option<String> = conn.get(&key).await?;
     assert_eq!(value, None, "GET after a delete returns nothing");
     let exists: bool = conn.exists(&key).await?;
     assert!(!exists);
     // A late upsert older than the delete must not resurrect the key.
     assert_eq!(
-        g.upsert_if_newer(&mut conn, &key, b"{\"v\":4}", Version::new(4), None).await?,
+        g.upsert_if_newer(&mut conn, &key, b"{\"v\":4}", Version::new(4), None)
+            .await?,
         WriteOutcome::Stale
     );
     assert_eq!(conn.get::<_, Option<String>>(&key).await?, None);
     assert_eq!(conn.get::<_, String>(version_key(&key)).await?, "5:deleted");
     let tombstone_ttl: i64 = conn.pttl(version_key(&key)).await?;
-    assert!(tombstone_ttl > 3_500_000 && tombstone_ttl <= 3_600_000, "{tombstone_ttl}");
+    assert!(
+        tombstone_ttl > 3_500_000 && tombstone_ttl <= 3_600_000,
+        "{tombstone_ttl}"
+    );
     // A newer upsert brings it back.
     assert_eq!(
-        g.upsert_if_newer(&mut conn, &key, b"{\"v\":6}", Version::new(6), None).await?,
+        g.upsert_if_newer(&mut conn, &key, b"{\"v\":6}", Version::new(6), None)
+            .await?,
         WriteOutcome::Applied
     );
     assert_eq!(conn.get::<_, String>(&key).await?, "{\"v\":6}");
-    assert_eq!(conn.pttl::<_, i64>(version_key(&key)).await?, -1, "a live entry's version does not expire");
+    assert_eq!(
+        conn.pttl::<_, i64>(version_key(&key)).await?,
+        -1,
+        "a live entry's version does not expire"
+    );
     Ok(())
 }
 
@@ -66,17 +91,35 @@ async fn ttl_applies_to_value_and_version_outlives_it() -> anyhow::Result<()> {
     let mut conn = redis().await?;
     let key = format!("{}:order:ttl", unique_name("vg"));
     let g = guard();
-    g.upsert_if_newer(&mut conn, &key, b"{}", Version::new(1), Some(Duration::from_secs(60))).await?;
+    g.upsert_if_newer(
+        &mut conn,
+        &key,
+        b"{}",
+        Version::new(1),
+        Some(Duration::from_secs(60)),
+    )
+    .await?;
     let value_ttl: i64 = conn.pttl(&key).await?;
     let version_ttl: i64 = conn.pttl(version_key(&key)).await?;
     assert!(value_ttl > 59_000 && value_ttl <= 60_000, "{value_ttl}");
-    assert!(version_ttl > 3_590_000, "the version is kept for the tombstone TTL: {version_ttl}");
+    assert!(
+        version_ttl > 3_590_000,
+        "the version is kept for the tombstone TTL: {version_ttl}"
+    );
     // A short TTL really expires the value, and the older write after it is still refused.
-    g.upsert_if_newer(&mut conn, &key, b"{\"v\":2}", Version::new(2), Some(Duration::from_millis(50))).await?;
+    g.upsert_if_newer(
+        &mut conn,
+        &key,
+        b"{\"v\":2}",
+        Version::new(2),
+        Some(Duration::from_millis(50)),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(conn.get::<_, Option<String>>(&key).await?, None);
     assert_eq!(
-        g.upsert_if_newer(&mut conn, &key, b"{\"v\":1}", Version::new(1), None).await?,
+        g.upsert_if_newer(&mut conn, &key, b"{\"v\":1}", Version::new(1), None)
+            .await?,
         WriteOutcome::Stale
     );
     Ok(())
@@ -91,10 +134,17 @@ async fn unversioned_writes_are_last_writer_wins() -> anyhow::Result<()> {
         CacheWrite::upsert(&key, "a", None),
         CacheWrite::upsert(&key, "b", None),
     ];
-    assert_eq!(g.apply_batch(&mut conn, &writes).await?, vec![WriteOutcome::Applied; 2]);
+    assert_eq!(
+        g.apply_batch(&mut conn, &writes).await?,
+        vec![WriteOutcome::Applied; 2]
+    );
     assert_eq!(conn.get::<_, String>(&key).await?, "b");
-    assert!(!conn.exists::<_, bool>(version_key(&key)).await?, "no version is recorded");
-    g.apply_batch(&mut conn, &[CacheWrite::delete(&key, None)]).await?;
+    assert!(
+        !conn.exists::<_, bool>(version_key(&key)).await?,
+        "no version is recorded"
+    );
+    g.apply_batch(&mut conn, &[CacheWrite::delete(&key, None)])
+        .await?;
     assert!(!conn.exists::<_, bool>(&key).await?);
     Ok(())
 }
@@ -130,10 +180,15 @@ async fn survives_a_flushed_script_cache() -> anyhow::Result<()> {
     let mut conn = redis().await?;
     let key = format!("{}:noscript", unique_name("vg"));
     let g = guard();
-    g.upsert_if_newer(&mut conn, &key, b"1", Version::new(1), None).await?;
-    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut conn).await?;
+    g.upsert_if_newer(&mut conn, &key, b"1", Version::new(1), None)
+        .await?;
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut conn)
+        .await?;
     assert_eq!(
-        g.upsert_if_newer(&mut conn, &key, b"2", Version::new(2), None).await?,
+        g.upsert_if_newer(&mut conn, &key, b"2", Version::new(2), None)
+            .await?,
         WriteOutcome::Applied
     );
     assert_eq!(conn.get::<_, String>(&key).await?, "2");

@@ -1,7 +1,9 @@
 //! The cache-updater configuration. See `docs/configuration.md` for every key and its env name.
 
 use fleet::app::ServiceConfig;
-use fleet::config::{AmqpConfig, RedisConfig, ConfigError, ShutdownConfig, TelemetryConfig, Validate};
+use fleet::config::{
+    AmqpConfig, ConfigError, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
+};
 use serde::Deserialize;
 
 /// Everything cache-updater can be told. Unknown keys are refused.

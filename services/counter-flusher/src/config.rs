@@ -1,7 +1,9 @@
 //! The counter-flusher configuration. See `docs/configuration.md` for every key and its env name.
 
 use fleet::app::ServiceConfig;
-use fleet::config::{KafkaConfig, RedisConfig, ConfigError, ShutdownConfig, TelemetryConfig, Validate};
+use fleet::config::{
+    ConfigError, KafkaConfig, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
+};
 use serde::Deserialize;
 
 /// Everything counter-flusher can be told. Unknown keys are refused.

@@ -1,0 +1,328 @@
+//! What every service binary does: start, serve health and metrics, refuse bad config,
+//! follow its brokers' availability, and stop cleanly.
+
+use std::time::Duration;
+
+use fleet_tests::{
+    deps_dir, redis, redis_url, socket_addr_of, unique_name, FaultProxy, ServiceBuilder,
+};
+
+/// (binary, default metrics port, env prefix)
+const SERVICES: [(&str, u16, &str); 4] = [
+    ("cache-updater", 9101, "CACHE_UPDATER__"),
+    ("order-cacher", 9102, "ORDER_CACHER__"),
+    ("user-change-publisher", 9103, "USER_CHANGE_PUBLISHER__"),
+    ("counter-flusher", 9104, "COUNTER_FLUSHER__"),
+];
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn every_binary_starts_with_defaults_serves_health_and_stops_on_sigterm() -> anyhow::Result<()>
+{
+    for (name, port, _) in SERVICES {
+        let mut service = ServiceBuilder::new(name)
+            .default_metrics_addr(port)
+            .spawn()?;
+        service.wait_ready(READY_TIMEOUT).await?;
+
+        let (status, body) = service.get("/healthz").await?;
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{name} /healthz");
+        let (status, body) = service.get("/readyz").await?;
+        assert_eq!(status, 200, "{name} /readyz: {body}");
+        assert!(body.contains("redis: up"), "{name} /readyz: {body}");
+
+        let metrics = service.metrics().await?;
+        let namespace = name.replace('-', "_");
+        for sample in [
+            format!(
+                "{namespace}_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            format!("{namespace}_dependency_up{{dependency=\"redis\"}} 1"),
+        ] {
+            assert!(
+                metrics.contains(&sample),
+                "{name} lacks {sample}:\n{metrics}"
+            );
+        }
+        for family in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+        ] {
+            assert!(metrics.contains(family), "{name} lacks {family}");
+        }
+        let (status, _) = service.get("/nope").await?;
+        assert_eq!(status, 404);
+
+        service.sigterm()?;
+        let exit = service.wait_exit(Duration::from_secs(30)).await?;
+        assert_eq!(
+            exit.code(),
+            Some(0),
+            "{name} exit on SIGTERM; logs:\n{}",
+            service.logs()
+        );
+        let logs = service.logs();
+        assert!(logs.contains("Shutdown requested"), "{name} logs:\n{logs}");
+        assert!(logs.contains("Stopped cleanly"), "{name} logs:\n{logs}");
+        // Logs are JSON lines by default.
+        for line in logs.lines() {
+            serde_json::from_str::<serde_json::Value>(line)
+                .map_err(|e| anyhow::anyhow!("{name} log line is not JSON ({e}): {line}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_config_exits_2_with_one_line_naming_the_key() -> anyhow::Result<()> {
+    for (name, _, prefix) in SERVICES {
+        let cases = [
+            (
+                ServiceBuilder::new(name).env(&format!("{prefix}NOT_A_SETTING"), "1"),
+                "`not_a_setting`",
+            ),
+            (
+                ServiceBuilder::new(name)
+                    .env(&format!("{prefix}SHUTDOWN__GRACE_PERIOD_SECS"), "soon"),
+                "`shutdown.grace_period_secs`",
+            ),
+            (
+                ServiceBuilder::new(name).env("METRICS_ADDR", "not-an-address"),
+                "`telemetry.metrics_addr`",
+            ),
+            (
+                ServiceBuilder::new(name).env("REDIS_URL", "http://127.0.0.1:6379"),
+                "`redis.url`",
+            ),
+            (
+                ServiceBuilder::new(name).env("LOG_FORMAT", "yaml"),
+                "`telemetry.log_format`",
+            ),
+            (
+                ServiceBuilder::new(name).config_toml("[redis]\nurl = 5\n"),
+                "`redis.url`",
+            ),
+            (
+                ServiceBuilder::new(name).config_toml("[shutdown]\ngrace = 1\n"),
+                "`shutdown.grace`",
+            ),
+            (
+                ServiceBuilder::new(name).config_toml("this is not toml"),
+                "config.toml",
+            ),
+        ];
+        for (builder, key) in cases {
+            let (status, output) = builder.run_to_exit(Duration::from_secs(10)).await?;
+            assert_eq!(status.code(), Some(2), "{name} {key}: {output}");
+            assert_eq!(
+                output.trim_end().lines().count(),
+                1,
+                "{name} {key}: one line, got: {output}"
+            );
+            assert!(output.contains(key), "{name}: expected {key} in: {output}");
+            assert!(!output.contains("panicked"), "{output}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_flag_exits_2() -> anyhow::Result<()> {
+    let (status, output) = ServiceBuilder::new("order-cacher")
+        .arg("--no-such-flag")
+        .run_to_exit(Duration::from_secs(10))
+        .await?;
+    assert_eq!(status.code(), Some(2), "{output}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_follows_a_redis_outage_and_heals() -> anyhow::Result<()> {
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let mut service = ServiceBuilder::new("counter-flusher")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .env("LOG_FORMAT", "text")
+        .spawn()?;
+    service.wait_ready(READY_TIMEOUT).await?;
+
+    proxy.cut();
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    let (_, body) = service.get("/readyz").await?;
+    assert!(body.contains("redis: down"), "{body}");
+    let (status, _) = service.get("/healthz").await?;
+    assert_eq!(status, 200, "alive while not ready");
+    assert_eq!(
+        service
+            .metric("counter_flusher_dependency_up{dependency=\"redis\"}")
+            .await?,
+        Some(0.0)
+    );
+
+    proxy.restore();
+    service.wait_ready(Duration::from_secs(30)).await?;
+    service.sigterm()?;
+    assert_eq!(
+        service.wait_exit(Duration::from_secs(30)).await?.code(),
+        Some(0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn starts_while_redis_is_unreachable_and_becomes_ready_when_it_appears() -> anyhow::Result<()>
+{
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    proxy.cut();
+    let mut service = ServiceBuilder::new("order-cacher")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .spawn()?;
+    service.wait_readyz(503, READY_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = service.get("/readyz").await?;
+    assert_eq!(status, 503);
+    proxy.restore();
+    service.wait_ready(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn kafka_outage_shows_in_readiness() -> anyhow::Result<()> {
+    // Nothing listens on this port: the service must start, stay alive and say not ready.
+    let closed = fleet_tests::process::free_port();
+    let mut service = ServiceBuilder::new("order-cacher")
+        .env("KAFKA_BROKERS", format!("127.0.0.1:{closed}"))
+        .spawn()?;
+    service.wait_readyz(503, READY_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = service.get("/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("kafka: down"), "{body}");
+    service.sigterm()?;
+    assert_eq!(
+        service.wait_exit(Duration::from_secs(30)).await?.code(),
+        Some(0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_acl_user_connects_and_its_password_stays_out_of_logs() -> anyhow::Result<()> {
+    let mut conn = redis().await?;
+    let user = unique_name("acl").replace('-', "_");
+    let password = format!("pw-{}", unique_name("secret"));
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let url = socket_addr_of(&redis_url());
+    let mut service = ServiceBuilder::new("order-cacher")
+        .env("REDIS_URL", format!("redis://{user}:{password}@{url}"))
+        .env("RUST_LOG", "debug")
+        .spawn()?;
+    service.wait_ready(READY_TIMEOUT).await?;
+    service.sigterm()?;
+    service.wait_exit(Duration::from_secs(30)).await?;
+    let logs = service.logs();
+    assert!(
+        logs.contains(&user),
+        "the user name is logged with the URL:\n{logs}"
+    );
+    assert!(!logs.contains(&password), "password leaked into logs");
+
+    // A wrong password keeps the service not ready rather than crashing it.
+    let mut service = ServiceBuilder::new("order-cacher")
+        .env(
+            "REDIS_URL",
+            format!("redis://{user}:wrong-{password}@{url}"),
+        )
+        .spawn()?;
+    service.wait_readyz(503, READY_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(service.get("/readyz").await?.0, 503);
+    service.sigterm()?;
+    service.wait_exit(Duration::from_secs(30)).await?;
+    assert!(
+        !service.logs().contains(&password),
+        "password leaked into logs"
+    );
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async::<()>(&mut conn)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rediss_and_amqps_work_with_a_private_ca() -> anyhow::Result<()> {
+    let ca = deps_dir().join("tls/ca.pem");
+    assert!(ca.exists(), "{} is made by scripts/deps up", ca.display());
+    let mut service = ServiceBuilder::new("cache-updater")
+        .env("REDIS_URL", "rediss://127.0.0.1:6380")
+        .env(
+            "CACHE_UPDATER__REDIS__TLS_CA_FILE",
+            ca.display().to_string(),
+        )
+        .env("AMQP_URL", "amqps://guest:guest@localhost:5671/%2f")
+        .env("CACHE_UPDATER__AMQP__TLS_CA_FILE", ca.display().to_string())
+        .spawn()?;
+    service.wait_ready(READY_TIMEOUT).await?;
+    let (_, body) = service.get("/readyz").await?;
+    assert_eq!(body, "amqp: up\nredis: up\n");
+    assert!(
+        !service.logs().contains("guest:guest"),
+        "AMQP password leaked into logs"
+    );
+    service.sigterm()?;
+    assert_eq!(
+        service.wait_exit(Duration::from_secs(30)).await?.code(),
+        Some(0)
+    );
+
+    // Without the CA the server's certificate is not trusted, so the service is not ready.
+    let mut service = ServiceBuilder::new("cache-updater")
+        .env("REDIS_URL", "rediss://127.0.0.1:6380")
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = service.get("/readyz").await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("redis: down"), "{body}");
+    service.kill9()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn fault_proxy_delays_and_resets() -> anyhow::Result<()> {
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let client = redis::Client::open(format!("redis://{}", proxy.addr()))?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+
+    proxy.set_delay(Duration::from_millis(150));
+    let started = std::time::Instant::now();
+    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "both directions delayed"
+    );
+    proxy.set_delay(Duration::ZERO);
+
+    proxy.reset_connections();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .is_err());
+    let mut fresh = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PING").query_async::<()>(&mut fresh).await?;
+    Ok(())
+}
