@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Pipelined version-guarded writes against the ceiling `redis-benchmark -P <batch> SET`,
+# same value size, same clients, same keyspace, side by side in one run, alternating.
+#
+#   bench/version_guard.sh [rounds]      env: BATCH CLIENTS VALUE_SIZE WRITES KEYSPACE
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-5}
+BATCH=${BATCH:-100}
+CLIENTS=${CLIENTS:-8}
+VALUE_SIZE=${VALUE_SIZE:-300}
+WRITES=${WRITES:-1000000}
+KEYSPACE=${KEYSPACE:-100000}
+DB=15  # a database of its own, flushed between runs
+
+scripts/deps up redis >/dev/null
+cargo build --release --quiet -p fleet --example guard_bench
+bin=target/release/examples/guard_bench
+cli() { redis-cli -h 127.0.0.1 -p 6379 -n "$DB" "$@"; }
+
+ceiling=() guarded=()
+for round in $(seq 1 "$ROUNDS"); do
+  cli FLUSHDB >/dev/null
+  rps=$(redis-benchmark -h 127.0.0.1 -p 6379 --dbnum "$DB" -c "$CLIENTS" -P "$BATCH" -d "$VALUE_SIZE" \
+          -n "$WRITES" -r "$KEYSPACE" -t set --csv | awk -F'"' '$2 == "SET" {print $4}')
+  ceiling+=("${rps%.*}")
+  cli FLUSHDB >/dev/null
+  out=$("$bin" --redis-url "redis://127.0.0.1:6379/$DB" --clients "$CLIENTS" --batch "$BATCH" \
+          --value-size "$VALUE_SIZE" --writes "$WRITES" --keyspace "$KEYSPACE")
+  guarded+=("${out#guarded_writes_per_sec=}")
+  echo "round $round: redis-benchmark SET ${ceiling[-1]}/s, version-guarded ${guarded[-1]}/s"
+done
+cli FLUSHDB >/dev/null
+
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+c=$(median "${ceiling[@]}"); g=$(median "${guarded[@]}")
+echo
+echo "batch=$BATCH clients=$CLIENTS value_size=$VALUE_SIZE writes=$WRITES keyspace=$KEYSPACE rounds=$ROUNDS"
+echo "median redis-benchmark -P $BATCH SET : $c writes/s"
+echo "median version-guarded pipelined     : $g writes/s"
+awk -v g="$g" -v c="$c" 'BEGIN {printf "ratio                                : %.0f%% of the ceiling (target >= 50%%)\n", 100*g/c}'

@@ -1,0 +1,78 @@
+//! Throughput of pipelined version-guarded writes, for `bench/version_guard.sh`.
+//!
+//! Each client connection sends batches of `--batch` upserts of `--value-size` bytes to random
+//! keys, one batch per round trip, with ever-increasing versions so every write is applied
+//! (the most expensive path). Prints one line: `guarded_writes_per_sec=<n>`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use fleet::version::Version;
+use fleet::version_guard::{CacheWrite, VersionGuard};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    #[arg(long, default_value_t = 300)]
+    value_size: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    writes: u64,
+    #[arg(long, default_value_t = 100_000)]
+    keyspace: u64,
+    #[arg(long, default_value = "bench:guard")]
+    prefix: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = redis::Client::open(args.redis_url.as_str())?;
+    let guard = VersionGuard::new(Duration::from_secs(3600)).with_entries_per_call(args.batch);
+    let value = vec![b'x'; args.value_size];
+    let version = Arc::new(AtomicU64::new(1));
+    let remaining = Arc::new(AtomicU64::new(args.writes));
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    guard.load(&mut conn).await?;
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        // One connection per client, as redis-benchmark does.
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let (guard, value, version, remaining) =
+            (guard.clone(), value.clone(), version.clone(), remaining.clone());
+        let (batch, keyspace, prefix) = (args.batch as u64, args.keyspace, args.prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut writes = Vec::with_capacity(batch as usize);
+            loop {
+                let n = remaining
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(batch.min(r).max(1)))
+                    .map(|r| batch.min(r))
+                    .unwrap_or(0);
+                if n == 0 {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                writes.clear();
+                for _ in 0..n {
+                    let v = version.fetch_add(1, Ordering::Relaxed);
+                    let key = format!("{prefix}:{}", rand::random::<u64>() % keyspace);
+                    writes.push(CacheWrite::upsert(key, value.clone(), Some(Version::new(v))));
+                }
+                guard.apply_batch(&mut conn, &writes).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("guarded_writes_per_sec={:.0}", args.writes as f64 / elapsed);
+    Ok(())
+}
