@@ -46,14 +46,20 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.clients {
         // One connection per client, as redis-benchmark does.
         let mut conn = client.get_multiplexed_async_connection().await?;
-        let (guard, value, version, remaining) =
-            (guard.clone(), value.clone(), version.clone(), remaining.clone());
+        let (guard, value, version, remaining) = (
+            guard.clone(),
+            value.clone(),
+            version.clone(),
+            remaining.clone(),
+        );
         let (batch, keyspace, prefix) = (args.batch as u64, args.keyspace, args.prefix.clone());
         tasks.push(tokio::spawn(async move {
             let mut writes = Vec::with_capacity(batch as usize);
             loop {
                 let n = remaining
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(batch.min(r).max(1)))
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                        r.checked_sub(batch.min(r).max(1))
+                    })
                     .map(|r| batch.min(r))
                     .unwrap_or(0);
                 if n == 0 {
@@ -63,7 +69,11 @@ async fn main() -> anyhow::Result<()> {
                 for _ in 0..n {
                     let v = version.fetch_add(1, Ordering::Relaxed);
                     let key = format!("{prefix}:{}", rand::random::<u64>() % keyspace);
-                    writes.push(CacheWrite::upsert(key, value.clone(), Some(Version::new(v))));
+                    writes.push(CacheWrite::upsert(
+                        key,
+                        value.clone(),
+                        Some(Version::new(v)),
+                    ));
                 }
                 guard.apply_batch(&mut conn, &writes).await?;
             }

@@ -1,79 +1,66 @@
 -- Version-guarded cache writes, atomic on the server.
 --
--- KEYS: pairs of (value key, version key) per entry; a version key shares its value key's
---       hash slot, so a call stays on one Redis Cluster node when its entries share a slot.
+-- KEYS[1..n]: value keys, all distinct; KEYS[n+1..2n]: their version keys. A version key
+--   shares its value key's hash slot, so a call stays on one Redis Cluster node when its
+--   entries share a slot. Writes to one key that must apply in order go in successive calls.
 -- ARGV[1]: tombstone TTL in milliseconds ("0" keeps tombstones forever).
--- ARGV per entry i, from 2 + 4*(i-1): op ("u" upsert, "d" delete), version (decimal, no
---       leading zeros), TTL in milliseconds ("0" for none), value ("" for deletes).
+-- ARGV[2]: one character per entry: "u" upsert, "t" upsert with a TTL, "d" delete.
+-- ARGV[3..n+2]: versions (decimal, no leading zeros).
+-- ARGV[n+3..2n+2]: values ("" for deletes).
+-- ARGV[2n+3..]: TTLs in milliseconds, one per "t" entry, in order.
 -- Returns one character per entry: A applied, S stale (older), D duplicate (same version).
 --
--- The version key holds "<version>" for a live entry and "<version>:deleted" for a tombstone.
-local tombstone_ttl = tonumber(ARGV[1])
+-- A version key holds "<version>" for a live entry and "<version>:deleted" for a tombstone.
+-- Versions compare by length, then byte by byte: exact for the whole u64 range.
 local n = #KEYS / 2
+local tombstone_ttl = tonumber(ARGV[1])
+local ops = ARGV[2]
+local stored = redis.call('MGET', unpack(KEYS, n + 1, 2 * n))
 
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
-end
-
-local version_keys = {}
-for i = 1, n do version_keys[i] = KEYS[2 * i] end
-local stored = redis.call('MGET', unpack(version_keys))
-
-local current = {}   -- version key -> version string, or false when none is stored
-local last = {}      -- version key -> index of the newest applied entry in this call
-local touched = {}   -- version keys in first-applied order
 local out = {}
+local mset = {}
+local m = 0
+local deletes = {}
+local ttl_index = 2 * n + 2
 for i = 1, n do
-  local vk = KEYS[2 * i]
-  local cur = current[vk]
-  if cur == nil then
-    cur = (stored[i] and string.match(stored[i], '^%d+')) or false
-    current[vk] = cur
+  local op = string.byte(ops, i)
+  if op == 116 then ttl_index = ttl_index + 1 end  -- 't'
+  local cur = stored[i]
+  if cur and string.byte(cur, -1) == 100 then  -- a tombstone ends in "deleted"
+    cur = string.sub(cur, 1, string.find(cur, ':', 1, true) - 1)
   end
-  local version = ARGV[2 + 4 * (i - 1) + 1]
-  if cur and not newer(version, cur) then
-    out[i] = (version == cur) and 'D' or 'S'
+  local v = ARGV[2 + i]
+  if cur and (#v < #cur or (#v == #cur and v <= cur)) then
+    out[i] = (v == cur) and 'D' or 'S'
   else
     out[i] = 'A'
-    current[vk] = version
-    if last[vk] == nil then touched[#touched + 1] = vk end
-    last[vk] = i
-  end
-end
-
-local mset = {}
-local deletes = {}
-for _, vk in ipairs(touched) do
-  local i = last[vk]
-  local base = 2 + 4 * (i - 1)
-  local op, version, ttl = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
-  local key = KEYS[2 * i - 1]
-  if op == 'u' then
-    if ttl == 0 then
-      mset[#mset + 1] = key
-      mset[#mset + 1] = ARGV[base + 3]
-      mset[#mset + 1] = vk
-      mset[#mset + 1] = version
-    else
-      redis.call('SET', key, ARGV[base + 3], 'PX', ttl)
+    local key, vk = KEYS[i], KEYS[n + i]
+    if op == 117 then  -- 'u': plain upserts share one MSET
+      mset[m + 1] = key
+      mset[m + 2] = ARGV[n + 2 + i]
+      mset[m + 3] = vk
+      mset[m + 4] = v
+      m = m + 4
+    elseif op == 116 then
+      local ttl = tonumber(ARGV[ttl_index])
+      redis.call('SET', key, ARGV[n + 2 + i], 'PX', ttl)
       -- The version outlives an expiring value by the tombstone TTL, so a late older
       -- message cannot bring back data older than what just expired.
       if tombstone_ttl == 0 then
-        redis.call('SET', vk, version)
+        redis.call('SET', vk, v)
       else
-        redis.call('SET', vk, version, 'PX', math.max(ttl, tombstone_ttl))
+        redis.call('SET', vk, v, 'PX', math.max(ttl, tombstone_ttl))
       end
-    end
-  else
-    deletes[#deletes + 1] = key
-    if tombstone_ttl == 0 then
-      redis.call('SET', vk, version .. ':deleted')
     else
-      redis.call('SET', vk, version .. ':deleted', 'PX', tombstone_ttl)
+      deletes[#deletes + 1] = key
+      if tombstone_ttl == 0 then
+        redis.call('SET', vk, v .. ':deleted')
+      else
+        redis.call('SET', vk, v .. ':deleted', 'PX', tombstone_ttl)
+      end
     end
   end
 end
-if #mset > 0 then redis.call('MSET', unpack(mset)) end
+if m > 0 then redis.call('MSET', unpack(mset)) end
 if #deletes > 0 then redis.call('DEL', unpack(deletes)) end
 return table.concat(out)

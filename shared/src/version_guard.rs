@@ -8,6 +8,7 @@
 //! atomic step. Writes without a version are plain last-writer-wins `SET`/`DEL` and neither
 //! read nor change the version key.
 
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -311,7 +312,7 @@ impl VersionGuard {
         }
         if self.cluster {
             // Stable grouping by slot keeps each key's writes in order.
-            let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+            let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
             for &index in run.iter() {
                 by_slot
                     .entry(cluster_slot(&writes[index].key))
@@ -319,19 +320,32 @@ impl VersionGuard {
                     .push(index);
             }
             for group in by_slot.into_values() {
-                calls.extend(
-                    group
-                        .chunks(self.entries_per_call)
-                        .map(|c| Call::Guarded(c.to_vec())),
-                );
+                self.split_into_calls(writes, &group, calls);
             }
         } else {
-            calls.extend(
-                run.chunks(self.entries_per_call)
-                    .map(|c| Call::Guarded(c.to_vec())),
-            );
+            self.split_into_calls(writes, run, calls);
         }
         run.clear();
+    }
+
+    /// Cuts a run into script calls of at most `entries_per_call` distinct keys. A key seen
+    /// again starts the next call: calls run in pipeline order, so its writes keep their order
+    /// and the script needs no per-key bookkeeping.
+    fn split_into_calls(&self, writes: &[CacheWrite], run: &[usize], calls: &mut Vec<Call>) {
+        let mut call: Vec<usize> = Vec::with_capacity(run.len().min(self.entries_per_call));
+        let mut keys: HashSet<&str> = HashSet::with_capacity(call.capacity());
+        for &index in run {
+            let key = writes[index].key.as_str();
+            if call.len() == self.entries_per_call || keys.contains(key) {
+                calls.push(Call::Guarded(std::mem::take(&mut call)));
+                keys.clear();
+            }
+            keys.insert(key);
+            call.push(index);
+        }
+        if !call.is_empty() {
+            calls.push(Call::Guarded(call));
+        }
     }
 
     fn pipeline(&self, writes: &[CacheWrite], plan: &[Call]) -> Pipeline {
@@ -341,31 +355,56 @@ impl VersionGuard {
             match call {
                 Call::Plain(index) => pipe.add_command(plain_command(&writes[*index])),
                 Call::Guarded(indices) => {
-                    let mut cmd = redis::cmd("EVALSHA");
-                    cmd.arg(self.script.get_hash()).arg(indices.len() * 2);
-                    for &index in indices {
-                        cmd.arg(&writes[index].key)
-                            .arg(version_key(&writes[index].key));
-                    }
-                    cmd.arg(&tombstone_ms);
-                    for &index in indices {
-                        let write = &writes[index];
-                        let version = write.version.expect("guarded calls hold versioned writes");
-                        let ttl_ms = write.ttl.map_or(0, |t| t.as_millis().max(1));
-                        match &write.change {
-                            Change::Upsert(value) => cmd
-                                .arg("u")
-                                .arg(version.get())
-                                .arg(ttl_ms as u64)
-                                .arg(value.as_slice()),
-                            Change::Delete => cmd.arg("d").arg(version.get()).arg(0u64).arg(""),
-                        };
-                    }
-                    pipe.add_command(cmd)
+                    pipe.add_command(self.script_call(writes, indices, &tombstone_ms))
                 }
             };
         }
         pipe
+    }
+}
+
+impl VersionGuard {
+    /// One EVALSHA in the layout `version_guard.lua` documents: columns, not rows, so the
+    /// script creates as few Lua strings per entry as possible.
+    fn script_call(&self, writes: &[CacheWrite], indices: &[usize], tombstone_ms: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(indices.len() * 2);
+        for &index in indices {
+            cmd.arg(&writes[index].key);
+        }
+        for &index in indices {
+            cmd.arg(version_key(&writes[index].key));
+        }
+        let mut ops = String::with_capacity(indices.len());
+        let mut ttls = Vec::new();
+        for &index in indices {
+            let write = &writes[index];
+            ops.push(match (&write.change, write.ttl) {
+                (Change::Delete, _) => 'd',
+                (Change::Upsert(_), None) => 'u',
+                (Change::Upsert(_), Some(ttl)) => {
+                    ttls.push(ttl.as_millis().max(1) as u64);
+                    't'
+                }
+            });
+        }
+        cmd.arg(tombstone_ms).arg(ops);
+        for &index in indices {
+            let version = writes[index]
+                .version
+                .expect("guarded calls hold versioned writes");
+            cmd.arg(version.get());
+        }
+        for &index in indices {
+            match &writes[index].change {
+                Change::Upsert(value) => cmd.arg(value.as_slice()),
+                Change::Delete => cmd.arg(""),
+            };
+        }
+        for ttl in ttls {
+            cmd.arg(ttl);
+        }
+        cmd
     }
 }
 
@@ -446,6 +485,24 @@ mod tests {
             })
             .collect();
         assert_eq!(shape, ["g[0, 1]", "g[2]", "p3", "g[4]"]);
+
+        // A repeated key starts a new call.
+        let writes = vec![
+            CacheWrite::upsert("a", "1", Some(Version::new(1))),
+            CacheWrite::upsert("b", "1", Some(Version::new(1))),
+            CacheWrite::upsert("a", "2", Some(Version::new(2))),
+            CacheWrite::upsert("c", "2", Some(Version::new(2))),
+        ];
+        let guard = VersionGuard::new(Duration::from_secs(60));
+        let plan: Vec<_> = guard
+            .plan(&writes)
+            .into_iter()
+            .map(|c| match c {
+                Call::Guarded(v) => v,
+                Call::Plain(_) => panic!("all versioned"),
+            })
+            .collect();
+        assert_eq!(plan, vec![vec![0, 1], vec![2, 3]]);
     }
 
     #[test]
