@@ -6,15 +6,19 @@
 //! - [`shutdown`]: cancellation plus a named task set with a grace period.
 //! - [`version_guard`]: version-guarded Redis writes, the core of cache consistency.
 //! - [`envelope`], [`key_template`], [`version`]: reading changes from messages.
+//! - [`mapping`]: plain entity payloads to cache writes, and the two-way-sync origin marker.
+//! - [`cache_writer`]: version-guarded batches retried until written.
 //! - [`redis_conn`], [`kafka`], [`amqp`]: broker clients; [`retry`]: backoff.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod app;
+pub mod cache_writer;
 pub mod config;
 pub mod envelope;
 pub mod kafka;
 pub mod key_template;
+pub mod mapping;
 pub mod observability;
 pub mod redis_conn;
 pub mod retry;

@@ -22,7 +22,7 @@ const SCRIPT: &str = include_str!("version_guard.lua");
 pub const VERSION_KEY_PREFIX: &str = "__ver:";
 
 /// Entries per script call: keeps each call short on the server and within Lua's stack.
-pub const DEFAULT_ENTRIES_PER_CALL: usize = 256;
+pub const DEFAULT_ENTRIES_PER_CALL: usize = 500;
 
 /// The version key of a value key, in the same Redis Cluster hash slot.
 ///

@@ -1,0 +1,118 @@
+//! The consumers' Redis side: version-guarded batches that are retried with backoff until they
+//! succeed, so a caller acks or commits only what is written.
+
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use prometheus::{Histogram, IntCounter};
+use redis::aio::ConnectionManager;
+
+use crate::config::RedisConfig;
+use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics};
+use crate::shutdown::Shutdown;
+use crate::version_guard::{CacheWrite, VersionGuard, WriteOutcome};
+
+/// Writes batches to Redis through the version guard. Cheap to clone: clones share one
+/// multiplexed connection, which reconnects by itself.
+#[derive(Clone)]
+pub struct CacheWriter {
+    conn: ConnectionManager,
+    guard: VersionGuard,
+    status: DependencyStatus,
+    metrics: CacheWriterMetrics,
+}
+
+/// The writer's metrics, registered once per service.
+#[derive(Clone)]
+pub struct CacheWriterMetrics {
+    duration: Histogram,
+    failures: IntCounter,
+}
+
+impl CacheWriterMetrics {
+    /// Registers `<namespace>_redis_write_duration_seconds` and
+    /// `<namespace>_redis_write_failures_total`.
+    pub fn register(metrics: &Metrics) -> Result<Self, MetricError> {
+        Ok(Self {
+            duration: metrics.histogram(
+                "redis_write_duration_seconds",
+                "Time of one successful pipelined cache write (one batch).",
+                latency_buckets(),
+            )?,
+            failures: metrics.counter(
+                "redis_write_failures_total",
+                "Batch writes that failed and were retried.",
+            )?,
+        })
+    }
+}
+
+impl CacheWriter {
+    /// Connects with backoff and loads the guard's script. `None` means shutdown came first.
+    ///
+    /// `status` is the service's `redis` readiness switch: the writer marks it down while
+    /// writes fail and up again when one succeeds.
+    pub async fn connect(
+        config: &RedisConfig,
+        guard: VersionGuard,
+        status: DependencyStatus,
+        metrics: CacheWriterMetrics,
+        shutdown: &Shutdown,
+    ) -> Option<Self> {
+        let conn = crate::redis_conn::connect_with_retry(config, &status, shutdown).await?;
+        crate::retry::until_ok("load version-guard script", shutdown, || {
+            let (guard, mut conn) = (guard.clone(), conn.clone());
+            async move { guard.load(&mut conn).await }
+        })
+        .await?;
+        Some(Self {
+            conn,
+            guard,
+            status,
+            metrics,
+        })
+    }
+
+    /// Writes one batch and returns each write's outcome, in order.
+    ///
+    /// Failures are retried with backoff for as long as it takes: guarded writes are
+    /// idempotent, so re-sending a batch that half-applied is safe. The first attempt runs
+    /// even after shutdown was asked, so in-flight work can finish; retries give up on
+    /// shutdown and return `None`, and the caller must then ack or commit nothing of the batch.
+    pub async fn write(
+        &mut self,
+        writes: &[CacheWrite],
+        shutdown: &Shutdown,
+    ) -> Option<Vec<WriteOutcome>> {
+        let mut delays = crate::retry::reconnect_backoff().build();
+        loop {
+            let started = Instant::now();
+            match self.guard.apply_batch(&mut self.conn, writes).await {
+                Ok(outcomes) => {
+                    self.metrics
+                        .duration
+                        .observe(started.elapsed().as_secs_f64());
+                    self.status.set_up(true);
+                    return Some(outcomes);
+                }
+                Err(e) => {
+                    self.metrics.failures.inc();
+                    self.status.set_up(false);
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(
+                        error = %e,
+                        transient = e.is_transient(),
+                        batch = writes.len(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "Cache write failed; retrying the batch."
+                    );
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.triggered() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
