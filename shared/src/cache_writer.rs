@@ -1,6 +1,7 @@
 //! The consumers' Redis side: version-guarded batches that are retried with backoff until they
 //! succeed, so a caller acks or commits only what is written.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -10,7 +11,7 @@ use redis::aio::ConnectionManager;
 use crate::config::RedisConfig;
 use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics};
 use crate::shutdown::Shutdown;
-use crate::version_guard::{CacheWrite, VersionGuard, WriteOutcome};
+use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
 
 /// Writes batches to Redis through the version guard. Cheap to clone: clones share one
 /// multiplexed connection, which reconnects by itself.
@@ -84,16 +85,49 @@ impl CacheWriter {
         writes: &[CacheWrite],
         shutdown: &Shutdown,
     ) -> Option<Vec<WriteOutcome>> {
+        let guard = self.guard.clone();
+        self.retrying(writes.len(), shutdown, |mut conn| {
+            let guard = guard.clone();
+            async move { guard.apply_batch(&mut conn, writes).await }
+        })
+        .await
+    }
+
+    /// Runs an idempotent pipeline (such as index updates) with the same retries as
+    /// [`CacheWriter::write`].
+    pub async fn run_pipeline(
+        &mut self,
+        pipe: &redis::Pipeline,
+        shutdown: &Shutdown,
+    ) -> Option<()> {
+        self.retrying(pipe.len(), shutdown, |mut conn| async move {
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(GuardError::from)
+        })
+        .await
+    }
+
+    async fn retrying<T, F, Fut>(
+        &mut self,
+        size: usize,
+        shutdown: &Shutdown,
+        mut attempt: F,
+    ) -> Option<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, GuardError>>,
+    {
         let mut delays = crate::retry::reconnect_backoff().build();
         loop {
             let started = Instant::now();
-            match self.guard.apply_batch(&mut self.conn, writes).await {
-                Ok(outcomes) => {
+            match attempt(self.conn.clone()).await {
+                Ok(value) => {
                     self.metrics
                         .duration
                         .observe(started.elapsed().as_secs_f64());
                     self.status.set_up(true);
-                    return Some(outcomes);
+                    return Some(value);
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
@@ -102,7 +136,7 @@ impl CacheWriter {
                     tracing::warn!(
                         error = %e,
                         transient = e.is_transient(),
-                        batch = writes.len(),
+                        batch = size,
                         retry_in_ms = delay.as_millis() as u64,
                         "Cache write failed; retrying the batch."
                     );

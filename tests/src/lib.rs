@@ -5,6 +5,7 @@
 //! [`unique_name`], so tests run in parallel without seeing each other's data.
 
 pub mod fault_proxy;
+pub mod kafka;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -71,4 +72,26 @@ pub fn unique_name(label: &str) -> String {
 pub async fn redis() -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(redis_url())?;
     Ok(client.get_multiplexed_async_connection().await?)
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, failing with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

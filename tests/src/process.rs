@@ -202,6 +202,12 @@ impl Service {
         Ok(metric_value(&self.metrics().await?, sample))
     }
 
+    /// The sum of every sample of a metric family, such as all outcomes of
+    /// `order_cacher_messages_total`.
+    pub async fn metric_sum(&self, family: &str) -> Result<f64> {
+        Ok(metric_family_sum(&self.metrics().await?, family))
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
@@ -252,6 +258,18 @@ pub fn metric_value(exposition: &str, sample: &str) -> Option<f64> {
         let rest = line.strip_prefix(sample)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
+}
+
+/// The sum of every sample of one metric family in a text exposition.
+pub fn metric_family_sum(exposition: &str, family: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A fresh directory for one test's files.

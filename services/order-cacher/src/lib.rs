@@ -2,9 +2,19 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod context;
+mod dead_letter;
+pub mod decode;
+mod metrics;
+mod pipeline;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet::cache_writer::CacheWriter;
 use fleet::config::{ServiceSpec, ShortEnv};
 use fleet::observability::{self, Metrics};
+use fleet::version_guard::VersionGuard;
 use fleet::Shutdown;
 
 pub use config::OrderCacherConfig;
@@ -28,7 +38,7 @@ pub enum Error {
     /// A metric could not be registered.
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The Kafka client could not be created from the config.
+    /// The Kafka client could not be created or subscribed from the config.
     #[error("kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }
@@ -36,15 +46,45 @@ pub enum Error {
 /// Runs order-cacher until `shutdown` fires, then drains and returns.
 pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Error> {
     let metrics = Metrics::new(&SPEC.metric_namespace())?;
+    let pipeline_metrics = metrics::PipelineMetrics::register(&metrics)?;
     let addr = config.telemetry.metrics_addr;
     let _server = observability::serve(addr, metrics.clone())
         .await
         .map_err(|source| Error::MetricsBind { addr, source })?;
     fleet::watch::redis(&config.redis, &metrics, &shutdown);
     fleet::watch::kafka(&config.kafka, &metrics, &shutdown)?;
+    let (readiness, stopping) = (metrics.readiness().clone(), shutdown.clone());
+    tokio::spawn(async move {
+        stopping.triggered().await;
+        readiness.set_draining();
+    });
+
+    // Created before Redis is reachable, so a bad Kafka setting fails at once.
+    let consumer = Arc::new(pipeline::consumer(&config, &pipeline_metrics)?);
+    let dead_letters = dead_letter::DeadLetterProducer::new(&config.kafka)?;
+    let guard = VersionGuard::new(Duration::from_secs(config.version_guard.tombstone_ttl_secs))
+        .with_entries_per_call(config.consumer.batch_size);
+    let cache = CacheWriter::connect(
+        &config.redis,
+        guard,
+        metrics.readiness().dependency("redis"),
+        pipeline_metrics.writer.clone(),
+        &shutdown,
+    )
+    .await;
+    if let Some(cache) = cache {
+        pipeline::run(
+            &config,
+            consumer,
+            cache,
+            dead_letters,
+            pipeline_metrics,
+            shutdown.clone(),
+        )
+        .await?;
+    }
 
     shutdown.triggered().await;
-    metrics.readiness().set_draining();
     shutdown.wait_for_tasks().await;
     Ok(())
 }

@@ -1,0 +1,117 @@
+//! Dead-letter topics: a bad message is kept, with why it was refused and where it came from.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use fleet::config::KafkaConfig;
+use fleet::envelope::PayloadError;
+use fleet::Shutdown;
+use futures::future::join_all;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// A message that could not be used, copied out of the consumer's buffer.
+pub struct DeadLetter {
+    /// Where it goes.
+    pub topic: String,
+    /// Where it came from.
+    pub source_topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its value.
+    pub payload: Option<Vec<u8>>,
+    /// Its headers, which the dead letter keeps.
+    pub headers: Option<OwnedHeaders>,
+    /// Why it was refused.
+    pub error: PayloadError,
+}
+
+impl DeadLetter {
+    fn headers(&self) -> OwnedHeaders {
+        let partition = self.partition.to_string();
+        let offset = self.offset.to_string();
+        let error = self.error.to_string();
+        self.headers
+            .clone()
+            .unwrap_or_default()
+            .insert(header("x-error", &error))
+            .insert(header("x-error-reason", self.error.reason()))
+            .insert(header("x-original-topic", &self.source_topic))
+            .insert(header("x-original-partition", &partition))
+            .insert(header("x-original-offset", &offset))
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// Produces dead letters and waits until the broker has them.
+#[derive(Clone)]
+pub struct DeadLetterProducer {
+    producer: FutureProducer,
+}
+
+impl DeadLetterProducer {
+    /// An idempotent producer on the configured cluster.
+    pub fn new(config: &KafkaConfig) -> KafkaResult<Self> {
+        let mut client = fleet::kafka::client_config(config);
+        client
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5");
+        Ok(Self {
+            producer: client.create()?,
+        })
+    }
+
+    /// Sends every letter, retrying failures with backoff. `false` means shutdown came first
+    /// and some letters may be unsent, so their offsets must not be stored.
+    pub async fn send_all(&self, letters: &[DeadLetter], shutdown: &Shutdown) -> bool {
+        let mut pending: Vec<&DeadLetter> = letters.iter().collect();
+        let mut delays = fleet::retry::reconnect_backoff().build();
+        while !pending.is_empty() {
+            let results = join_all(pending.iter().map(|letter| self.send(letter))).await;
+            let mut failed = Vec::new();
+            for (letter, result) in pending.into_iter().zip(results) {
+                if let Err(e) = result {
+                    tracing::warn!(topic = %letter.topic, error = %e, "Dead-letter produce failed; retrying.");
+                    failed.push(letter);
+                }
+            }
+            pending = failed;
+            if !pending.is_empty() {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tokio::select! {
+                    biased;
+                    _ = shutdown.triggered() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+        true
+    }
+
+    async fn send(&self, letter: &DeadLetter) -> Result<(), rdkafka::error::KafkaError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&letter.topic).headers(letter.headers());
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &letter.payload {
+            record = record.payload(payload.as_slice());
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}

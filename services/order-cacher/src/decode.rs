@@ -1,0 +1,445 @@
+//! What one Kafka message asks of the cache: a write, a skip, or a dead letter.
+
+use std::time::Duration;
+
+use fleet::envelope::{check_size, parse_object, PayloadError};
+use fleet::key_template::{json_kind, KeyTemplate};
+use fleet::mapping::{EntityMapping, OriginMarker};
+use fleet::version::Version;
+use fleet::version_guard::CacheWrite;
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+use crate::config::{IndexConfig, TopicConfig};
+
+/// The parts of a Kafka message that decoding reads.
+pub struct Incoming<'a, H> {
+    /// The message key.
+    pub key: Option<&'a [u8]>,
+    /// The value; `None` for a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// The message timestamp in Unix milliseconds, if it has one.
+    pub timestamp_ms: Option<i64>,
+    /// Looks up a header by name: `None` when absent, `Some(None)` for a null value.
+    pub header: H,
+}
+
+/// What to do with one message.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Write the entry (and its index entries).
+    Write {
+        write: CacheWrite,
+        indexes: Vec<IndexEntry>,
+    },
+    /// The message came from Redis; skip it.
+    SkippedOrigin,
+    /// The message cannot be used; dead-letter it.
+    Poison(PayloadError),
+}
+
+/// One member to add to a secondary index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexEntry {
+    /// Which of the topic's indexes.
+    pub rule: usize,
+    /// The sorted set's key.
+    pub key: String,
+    /// The member.
+    pub member: String,
+    /// The score.
+    pub score: f64,
+}
+
+/// A topic's decoding rules, built once at start-up.
+pub struct TopicRules {
+    /// The topic name.
+    pub topic: String,
+    /// The dead-letter topic.
+    pub dead_letter_topic: String,
+    /// Its secondary indexes.
+    pub indexes: Vec<IndexRule>,
+    mapping: EntityMapping,
+    origin: OriginMarker,
+    max_message_bytes: usize,
+}
+
+/// One secondary index of a topic.
+pub struct IndexRule {
+    key_template: KeyTemplate,
+    member_template: Option<KeyTemplate>,
+    score_field: String,
+    /// Only this many highest-scored members are kept.
+    pub max_entries: usize,
+    /// Expiry of the index key.
+    pub ttl: Option<Duration>,
+}
+
+impl From<&IndexConfig> for IndexRule {
+    fn from(config: &IndexConfig) -> Self {
+        Self {
+            key_template: config.key_template.clone(),
+            member_template: config.member_template.clone(),
+            score_field: config.score_field.clone(),
+            max_entries: config.max_entries,
+            ttl: config.ttl_secs.map(Duration::from_secs),
+        }
+    }
+}
+
+impl TopicRules {
+    /// Rules for one configured topic.
+    pub fn new(config: &TopicConfig, origin: &OriginMarker, max_message_bytes: usize) -> Self {
+        Self {
+            topic: config.name.clone(),
+            dead_letter_topic: config.dead_letter_topic(),
+            indexes: config.indexes.iter().map(IndexRule::from).collect(),
+            mapping: config.mapping(),
+            origin: origin.clone(),
+            max_message_bytes,
+        }
+    }
+
+    /// Decides what a message does.
+    pub fn decode<'a, H>(&self, message: &Incoming<'a, H>) -> Decoded
+    where
+        H: Fn(&str) -> Option<Option<&'a [u8]>>,
+    {
+        // The header check comes first: it needs no parsing.
+        if self.origin.enabled
+            && self
+                .origin_header(&message.header)
+                .is_some_and(|value| self.origin.matches_header(&self.origin.field, value))
+        {
+            return Decoded::SkippedOrigin;
+        }
+        let result = match message.payload {
+            Some(body) => self.decode_upsert(body, message.timestamp_ms),
+            None => self.decode_tombstone(message.key, &message.header),
+        };
+        match result {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => Decoded::SkippedOrigin,
+            Err(e) => Decoded::Poison(e),
+        }
+    }
+
+    fn origin_header<'a, H>(&self, header: &H) -> Option<Option<&'a [u8]>>
+    where
+        H: Fn(&str) -> Option<Option<&'a [u8]>>,
+    {
+        header(&self.origin.field)
+    }
+
+    fn decode_upsert(
+        &self,
+        body: &[u8],
+        timestamp_ms: Option<i64>,
+    ) -> Result<Option<Decoded>, PayloadError> {
+        let payload = parse_object(body, self.max_message_bytes)?;
+        if self.origin.matches_payload(&payload) {
+            return Ok(None);
+        }
+        let write = self.mapping.upsert(&payload, body)?;
+        let mut indexes = Vec::new();
+        for (rule, index) in self.indexes.iter().enumerate() {
+            let member = match &index.member_template {
+                Some(template) => template.render(&payload)?,
+                None => write.key.clone(),
+            };
+            indexes.push(IndexEntry {
+                rule,
+                key: index.key_template.render(&payload)?,
+                member,
+                score: score(&payload, &index.score_field, timestamp_ms)?,
+            });
+        }
+        Ok(Some(Decoded::Write { write, indexes }))
+    }
+
+    /// A tombstone's key names the entry: either a JSON object the key template is filled
+    /// from, or, for a one-field template, the field's value itself (`1001` → `order:1001`).
+    fn decode_tombstone<'a, H>(
+        &self,
+        key: Option<&[u8]>,
+        header: &H,
+    ) -> Result<Option<Decoded>, PayloadError>
+    where
+        H: Fn(&str) -> Option<Option<&'a [u8]>>,
+    {
+        let key = key.ok_or_else(|| PayloadError::MissingField {
+            field: "message key (a tombstone needs one)".into(),
+        })?;
+        check_size(key, self.max_message_bytes)?;
+        let template = &self.mapping.key_template;
+        let fields = match parse_object(key, self.max_message_bytes) {
+            Ok(object) => object,
+            Err(_) => {
+                let mut names = template.fields();
+                let (Some(field), None) = (names.next(), names.next()) else {
+                    return Err(PayloadError::InvalidField {
+                        field: "message key".into(),
+                        reason: "must be a JSON object when the key template has several fields"
+                            .into(),
+                    });
+                };
+                let text = std::str::from_utf8(key).map_err(|_| PayloadError::InvalidField {
+                    field: "message key".into(),
+                    reason: "is not UTF-8".into(),
+                })?;
+                nested(&field, Value::String(text.to_string()))
+            }
+        };
+        let cache_key = template.render(&fields)?;
+        let version = match &self.mapping.version_field {
+            Some(name) => match header(name) {
+                Some(Some(bytes)) => Some(header_version(name, bytes)?),
+                _ => None,
+            },
+            None => None,
+        };
+        Ok(Some(Decoded::Write {
+            write: CacheWrite::delete(cache_key, version),
+            indexes: Vec::new(),
+        }))
+    }
+}
+
+/// `{"a": {"b": value}}` for the dotted name `a.b`.
+fn nested(dotted: &str, value: Value) -> Map<String, Value> {
+    let mut value = value;
+    for segment in dotted.rsplit('.') {
+        let mut map = Map::new();
+        map.insert(segment.to_string(), value);
+        value = Value::Object(map);
+    }
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+fn header_version(name: &str, bytes: &[u8]) -> Result<Version, PayloadError> {
+    let invalid = |source| PayloadError::InvalidVersion {
+        field: format!("header {name}"),
+        source,
+    };
+    std::str::from_utf8(bytes)
+        .map_err(|_| invalid(fleet::version::VersionError::Unparsable))?
+        .parse()
+        .map_err(invalid)
+}
+
+/// An index score: a number, or a timestamp as Unix seconds; the message's own timestamp
+/// when the field is absent.
+fn score(
+    payload: &Map<String, Value>,
+    field: &str,
+    timestamp_ms: Option<i64>,
+) -> Result<f64, PayloadError> {
+    let invalid = |reason: String| PayloadError::InvalidField {
+        field: field.to_string(),
+        reason,
+    };
+    match payload.get(field) {
+        None | Some(Value::Null) => {
+            timestamp_ms
+                .map(|ms| ms as f64 / 1000.0)
+                .ok_or_else(|| PayloadError::MissingField {
+                    field: field.to_string(),
+                })
+        }
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .ok_or_else(|| invalid("is not a finite number".into())),
+        Some(Value::String(text)) => parse_timestamp(text)
+            .map(|t| t.unix_timestamp_nanos() as f64 / 1e9)
+            .ok_or_else(|| invalid("is neither RFC 3339 nor `YYYY-MM-DD HH:MM:SS`".into())),
+        Some(other) => Err(invalid(format!(
+            "must be a number or a timestamp, found {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// RFC 3339, or the `2023-01-01 10:00:00` form many producers send, read as UTC.
+fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Some(t);
+    }
+    let plain = format_description!(
+        version = 2,
+        "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]"
+    );
+    PrimitiveDateTime::parse(text, plain)
+        .ok()
+        .map(PrimitiveDateTime::assume_utc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::version_guard::Change;
+
+    fn rules(version_field: Option<&str>, indexes: Vec<IndexConfig>) -> TopicRules {
+        let config = TopicConfig {
+            name: "orders".into(),
+            key_template: KeyTemplate::parse("order:{order_id}").unwrap(),
+            version_field: version_field.map(str::to_string),
+            ttl_secs: None,
+            dead_letter_topic: None,
+            indexes,
+        };
+        TopicRules::new(&config, &OriginMarker::default(), 1024)
+    }
+
+    fn decode(
+        rules: &TopicRules,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Decoded {
+        let message = Incoming {
+            key,
+            payload,
+            timestamp_ms: Some(1_700_000_000_000),
+            header: |name: &str| {
+                headers
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| Some(*v))
+            },
+        };
+        rules.decode(&message)
+    }
+
+    #[test]
+    fn plain_orders_become_versioned_writes_of_the_message_itself() {
+        let body = br#"{"order_id": "1001", "user_id": "user_123", "amount": 299.99, "status": "paid", "version": 3, "timestamp": "2023-01-01 10:00:00"}"#;
+        let Decoded::Write { write, indexes } =
+            decode(&rules(Some("version"), vec![]), None, Some(body), &[])
+        else {
+            panic!("a write")
+        };
+        assert_eq!(write.key, "order:1001");
+        assert_eq!(write.version, Some(Version::new(3)));
+        assert_eq!(write.change, Change::Upsert(body.to_vec()));
+        assert!(indexes.is_empty());
+    }
+
+    #[test]
+    fn origin_marker_in_header_or_payload_skips() {
+        let r = rules(None, vec![]);
+        let body = br#"{"order_id": 1}"#;
+        assert_eq!(
+            decode(&r, None, Some(body), &[("source", b"redis")]),
+            Decoded::SkippedOrigin
+        );
+        assert_eq!(
+            decode(
+                &r,
+                None,
+                Some(br#"{"order_id": 1, "source": "redis"}"#),
+                &[]
+            ),
+            Decoded::SkippedOrigin
+        );
+        assert!(matches!(
+            decode(&r, None, Some(body), &[("source", b"app")]),
+            Decoded::Write { .. }
+        ));
+    }
+
+    #[test]
+    fn tombstones_delete_through_the_guard_when_versioned() {
+        let r = rules(Some("version"), vec![]);
+        let Decoded::Write { write, .. } = decode(&r, Some(b"1001"), None, &[("version", b"9")])
+        else {
+            panic!("a delete")
+        };
+        assert_eq!(
+            write,
+            CacheWrite::delete("order:1001", Some(Version::new(9)))
+        );
+        let Decoded::Write { write, .. } = decode(&r, Some(br#"{"order_id": 7}"#), None, &[])
+        else {
+            panic!("a delete")
+        };
+        assert_eq!(
+            write,
+            CacheWrite::delete("order:7", None),
+            "no version: invalidate"
+        );
+        assert!(matches!(
+            decode(&r, None, None, &[]),
+            Decoded::Poison(PayloadError::MissingField { .. })
+        ));
+        assert!(matches!(
+            decode(&r, Some(b"1"), None, &[("version", b"later")]),
+            Decoded::Poison(PayloadError::InvalidVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn poison_of_every_kind_is_typed() {
+        let r = rules(Some("version"), vec![]);
+        let reason = |body: &[u8]| match decode(&r, None, Some(body), &[]) {
+            Decoded::Poison(e) => e.reason(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(b"not json"), "not_json");
+        assert_eq!(reason(b"[1, 2]"), "not_object");
+        assert_eq!(reason(br#"{"version": 1}"#), "missing_field");
+        assert_eq!(reason(br#"{"order_id": 1}"#), "missing_field");
+        assert_eq!(
+            reason(br#"{"order_id": 1, "version": "soon"}"#),
+            "invalid_version"
+        );
+        assert_eq!(
+            reason(br#"{"order_id": {"x": 1}, "version": 1}"#),
+            "invalid_field"
+        );
+        assert_eq!(reason(&[b' '; 2000]), "too_large");
+    }
+
+    #[test]
+    fn index_entries_score_by_timestamp() {
+        let index = IndexConfig {
+            key_template: KeyTemplate::parse("user:{user_id}:orders").unwrap(),
+            member_template: None,
+            score_field: "timestamp".into(),
+            max_entries: 10,
+            ttl_secs: None,
+        };
+        let r = rules(None, vec![index]);
+        let body = br#"{"order_id": "1001", "user_id": "u1", "timestamp": "2023-01-01 10:00:00"}"#;
+        let Decoded::Write { indexes, .. } = decode(&r, None, Some(body), &[]) else {
+            panic!("a write")
+        };
+        assert_eq!(
+            indexes,
+            vec![IndexEntry {
+                rule: 0,
+                key: "user:u1:orders".into(),
+                member: "order:1001".into(),
+                score: 1_672_567_200.0,
+            }]
+        );
+        let body = br#"{"order_id": "1002", "user_id": "u1"}"#;
+        let Decoded::Write { indexes, .. } = decode(&r, None, Some(body), &[]) else {
+            panic!("a write")
+        };
+        assert_eq!(
+            indexes[0].score, 1_700_000_000.0,
+            "the Kafka timestamp stands in"
+        );
+        let body = br#"{"order_id": "1003", "user_id": "u1", "timestamp": true}"#;
+        assert!(matches!(
+            decode(&r, None, Some(body), &[]),
+            Decoded::Poison(PayloadError::InvalidField { .. })
+        ));
+    }
+}

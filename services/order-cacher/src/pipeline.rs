@@ -1,0 +1,440 @@
+//! Consume → batch → write → store offsets.
+//!
+//! One task reads the consumer and decodes messages into batches; a writer task applies one
+//! batch at a time, so a partition's messages are written in order and the next batch fills
+//! while the current one is written. An offset is stored only after its message and every
+//! earlier one in its batch (and every earlier batch) is written; librdkafka commits stored
+//! offsets periodically, on revoke and on shutdown. When the writer falls behind (Redis down),
+//! the partitions are paused instead of buffering without bound.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet::cache_writer::CacheWriter;
+use fleet::Shutdown;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::OrderCacherConfig;
+use crate::context::OrderContext;
+use crate::dead_letter::{DeadLetter, DeadLetterProducer};
+use crate::decode::{Decoded, Incoming, IndexEntry, TopicRules};
+use crate::metrics::PipelineMetrics;
+
+type OrderConsumer = StreamConsumer<OrderContext>;
+
+/// Builds the consumer with the fleet's at-least-once settings; configured properties win.
+pub fn consumer(
+    config: &OrderCacherConfig,
+    metrics: &PipelineMetrics,
+) -> KafkaResult<OrderConsumer> {
+    let commit_interval = config.consumer.commit_interval_ms.to_string();
+    let defaults = [
+        ("group.id", config.consumer.group_id.as_str()),
+        // Offsets are stored by hand after the write, and committed from the store.
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.commit.interval.ms", commit_interval.as_str()),
+        ("auto.offset.reset", "earliest"),
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("session.timeout.ms", "10000"),
+        ("statistics.interval.ms", "5000"),
+        // Bounds what librdkafka prefetches, and so the service's memory.
+        ("queued.max.messages.kbytes", "8192"),
+        ("enable.partition.eof", "false"),
+    ];
+    fleet::kafka::client_config_with(&config.kafka, &defaults)
+        .create_with_context(OrderContext::new(metrics.clone()))
+}
+
+/// Messages decoded and waiting to be written together.
+pub struct Batch {
+    writes: Vec<fleet::version_guard::CacheWrite>,
+    /// Kafka timestamp of each write, for the event-to-cache lag.
+    timestamps_ms: Vec<Option<i64>>,
+    /// Index entries and the write each belongs to.
+    indexes: Vec<(usize, usize, IndexEntry)>,
+    dead_letters: Vec<DeadLetter>,
+    skipped: u64,
+    /// (topic index, partition, next offset), one per partition seen.
+    offsets: Vec<(usize, i32, i64)>,
+    messages: usize,
+}
+
+impl Batch {
+    fn new(capacity: usize) -> Self {
+        Self {
+            writes: Vec::with_capacity(capacity),
+            timestamps_ms: Vec::with_capacity(capacity),
+            indexes: Vec::new(),
+            dead_letters: Vec::new(),
+            skipped: 0,
+            offsets: Vec::new(),
+            messages: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    fn done_up_to(&mut self, topic: usize, partition: i32, offset: i64) {
+        let next = offset + 1;
+        match self
+            .offsets
+            .iter_mut()
+            .find(|(t, p, _)| *t == topic && *p == partition)
+        {
+            Some(entry) => entry.2 = entry.2.max(next),
+            None => self.offsets.push((topic, partition, next)),
+        }
+    }
+}
+
+/// Reads the consumer into batches and hands them to the writer until shutdown, then drains,
+/// commits and leaves the group.
+pub async fn run(
+    config: &OrderCacherConfig,
+    consumer: Arc<OrderConsumer>,
+    cache: CacheWriter,
+    dead_letters: DeadLetterProducer,
+    metrics: PipelineMetrics,
+    shutdown: Shutdown,
+) -> KafkaResult<()> {
+    let rules: Arc<[TopicRules]> = config
+        .topics
+        .iter()
+        .map(|t| TopicRules::new(t, &config.origin, config.consumer.max_message_bytes))
+        .collect();
+    let topics: Vec<&str> = rules.iter().map(|r| r.topic.as_str()).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(topics = %topics.join(","), group = %config.consumer.group_id, "Consuming.");
+
+    let (tx, rx) = mpsc::channel::<Batch>(1);
+    let writer = BatchWriter {
+        cache,
+        dead_letters,
+        consumer: Arc::clone(&consumer),
+        rules: Arc::clone(&rules),
+        metrics,
+    };
+    let writer_task = shutdown.spawn("order-writer", writer.run(rx, shutdown.clone()));
+
+    let batch_size = config.consumer.batch_size;
+    let linger = config.consumer.linger();
+    let mut reader = Reader {
+        consumer: &consumer,
+        rules: &rules,
+        batch: Batch::new(batch_size),
+        paused: false,
+    };
+    // A full batch the writer has no room for yet.
+    let mut held: Option<Batch> = None;
+    let mut linger_until: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.triggered() => break,
+            permit = tx.reserve(), if held.is_some() => {
+                let Ok(permit) = permit else { break };
+                if let Some(batch) = held.take() {
+                    permit.send(batch);
+                }
+                reader.resume();
+            }
+            _ = sleep_until(linger_until), if linger_until.is_some() && held.is_none() => {
+                linger_until = None;
+                held = Some(reader.take(batch_size));
+            }
+            message = consumer.recv() => match message {
+                Ok(message) => {
+                    reader.add(&message);
+                    linger_until.get_or_insert_with(|| Instant::now() + linger);
+                    if reader.batch.messages >= batch_size {
+                        if held.is_none() {
+                            linger_until = None;
+                            held = Some(reader.take(batch_size));
+                        } else {
+                            reader.pause(batch_size);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+        // Hand a ready batch over at once when the writer has room.
+        if let Some(batch) = held.take() {
+            match tx.try_send(batch) {
+                Ok(()) => reader.resume(),
+                Err(mpsc::error::TrySendError::Full(batch)) => held = Some(batch),
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    }
+
+    // Drain: what was read is written (if Redis lets it) before offsets are committed.
+    for batch in [held.take(), Some(reader.take(batch_size))]
+        .into_iter()
+        .flatten()
+    {
+        if !batch.is_empty() && tx.send(batch).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer_task.await;
+    let consumer = Arc::clone(&consumer);
+    let committed = tokio::task::spawn_blocking(move || {
+        let result = consumer.commit_consumer_state(CommitMode::Sync);
+        consumer.unsubscribe();
+        result
+    })
+    .await;
+    match committed {
+        Ok(Ok(())) => tracing::info!("Offsets committed on shutdown."),
+        Ok(Err(e)) => tracing::info!(error = %e, "Nothing to commit on shutdown."),
+        Err(e) => tracing::warn!(error = %e, "Commit on shutdown did not run."),
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decodes messages into the batch being built, and pauses the consumer when asked.
+struct Reader<'a> {
+    consumer: &'a OrderConsumer,
+    rules: &'a [TopicRules],
+    batch: Batch,
+    paused: bool,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, capacity: usize) -> Batch {
+        std::mem::replace(&mut self.batch, Batch::new(capacity))
+    }
+
+    fn add(&mut self, message: &BorrowedMessage<'_>) {
+        let topic = message.topic();
+        let Some(index) = self.rules.iter().position(|r| r.topic == topic) else {
+            return;
+        };
+        let rules = &self.rules[index];
+        let headers = message.headers();
+        let timestamp_ms = message.timestamp().to_millis();
+        let incoming = Incoming {
+            key: message.key(),
+            payload: message.payload(),
+            timestamp_ms,
+            header: |name: &str| {
+                headers.and_then(|h| h.iter().find(|x| x.key == name).map(|x| x.value))
+            },
+        };
+        let batch = &mut self.batch;
+        match rules.decode(&incoming) {
+            Decoded::Write { write, indexes } => {
+                let at = batch.writes.len();
+                batch.writes.push(write);
+                batch.timestamps_ms.push(timestamp_ms);
+                batch
+                    .indexes
+                    .extend(indexes.into_iter().map(|entry| (at, index, entry)));
+            }
+            Decoded::SkippedOrigin => batch.skipped += 1,
+            Decoded::Poison(error) => {
+                tracing::warn!(
+                    topic,
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    reason = error.reason(),
+                    error = %error,
+                    dead_letter_topic = %rules.dead_letter_topic,
+                    "Message dead-lettered."
+                );
+                batch.dead_letters.push(DeadLetter {
+                    topic: rules.dead_letter_topic.clone(),
+                    source_topic: topic.to_string(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    headers: headers.map(|h| h.detach()),
+                    error,
+                });
+            }
+        }
+        batch.messages += 1;
+        batch.done_up_to(index, message.partition(), message.offset());
+    }
+
+    /// Stops fetching while the writer is behind. Repeated as the backlog grows, so
+    /// partitions assigned since the last pause are paused too.
+    fn pause(&mut self, batch_size: usize) {
+        if self.paused && self.batch.messages % batch_size != 0 {
+            return;
+        }
+        match self
+            .consumer
+            .assignment()
+            .and_then(|a| self.consumer.pause(&a))
+        {
+            Ok(()) => {
+                if !self.paused {
+                    tracing::info!("Writer is behind; pausing partitions.");
+                }
+                self.paused = true;
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot pause partitions."),
+        }
+    }
+
+    fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        match self
+            .consumer
+            .assignment()
+            .and_then(|a| self.consumer.resume(&a))
+        {
+            Ok(()) => {
+                tracing::info!("Writer caught up; resuming partitions.");
+                self.paused = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot resume partitions."),
+        }
+    }
+}
+
+/// Applies batches in order and stores their offsets.
+struct BatchWriter {
+    cache: CacheWriter,
+    dead_letters: DeadLetterProducer,
+    consumer: Arc<OrderConsumer>,
+    rules: Arc<[TopicRules]>,
+    metrics: PipelineMetrics,
+}
+
+impl BatchWriter {
+    async fn run(mut self, mut batches: mpsc::Receiver<Batch>, shutdown: Shutdown) {
+        // Not raced with shutdown: the reader closes the channel after handing over the
+        // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
+        while let Some(batch) = batches.recv().await {
+            if !self.apply(&batch, &shutdown).await {
+                tracing::warn!(
+                    messages = batch.messages,
+                    "Batch not written before shutdown; its offsets stay uncommitted."
+                );
+                return;
+            }
+        }
+    }
+
+    /// Writes a batch and stores its offsets. `false` means shutdown interrupted it and
+    /// nothing of it was stored.
+    async fn apply(&mut self, batch: &Batch, shutdown: &Shutdown) -> bool {
+        if !self
+            .dead_letters
+            .send_all(&batch.dead_letters, shutdown)
+            .await
+        {
+            return false;
+        }
+        let outcomes = if batch.writes.is_empty() {
+            Vec::new()
+        } else {
+            match self.cache.write(&batch.writes, shutdown).await {
+                Some(outcomes) => outcomes,
+                None => return false,
+            }
+        };
+        if !batch.indexes.is_empty() {
+            let pipe = self.index_pipeline(batch, &outcomes);
+            if !pipe.is_empty() && self.cache.run_pipeline(&pipe, shutdown).await.is_none() {
+                return false;
+            }
+        }
+
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for (outcome, timestamp) in outcomes.iter().zip(&batch.timestamps_ms) {
+            self.metrics.count(*outcome);
+            if let Some(ms) = timestamp {
+                self.metrics
+                    .event_to_cache_lag
+                    .observe((now_ms - ms).max(0) as f64 / 1000.0);
+            }
+        }
+        self.metrics.count_skipped(batch.skipped);
+        for letter in &batch.dead_letters {
+            self.metrics.count_dead_letter(letter.error.reason());
+        }
+        self.metrics.batch_size.observe(batch.messages as f64);
+        self.store_offsets(batch);
+        true
+    }
+
+    /// Index entries of every entry that is now current: applied, or applied before (a
+    /// duplicate after a crash). ZADD is idempotent, so a replay is harmless.
+    fn index_pipeline(
+        &self,
+        batch: &Batch,
+        outcomes: &[fleet::version_guard::WriteOutcome],
+    ) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for (write, topic, entry) in &batch.indexes {
+            if outcomes.get(*write) == Some(&fleet::version_guard::WriteOutcome::Stale) {
+                continue;
+            }
+            let rule = &self.rules[*topic].indexes[entry.rule];
+            pipe.cmd("ZADD")
+                .arg(&entry.key)
+                .arg(entry.score)
+                .arg(&entry.member)
+                .ignore();
+            // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
+            pipe.cmd("ZREMRANGEBYRANK")
+                .arg(&entry.key)
+                .arg(0)
+                .arg(-(rule.max_entries as i64) - 1)
+                .ignore();
+            if let Some(ttl) = rule.ttl {
+                pipe.cmd("PEXPIRE")
+                    .arg(&entry.key)
+                    .arg(ttl.as_millis() as u64)
+                    .ignore();
+            }
+        }
+        pipe
+    }
+
+    fn store_offsets(&self, batch: &Batch) {
+        let mut offsets = TopicPartitionList::with_capacity(batch.offsets.len());
+        for (topic, partition, next) in &batch.offsets {
+            if let Err(e) = offsets.add_partition_offset(
+                &self.rules[*topic].topic,
+                *partition,
+                Offset::Offset(*next),
+            ) {
+                tracing::warn!(error = %e, "Cannot record an offset.");
+            }
+        }
+        // Fails for partitions revoked meanwhile; their next owner re-reads from the last
+        // commit, and the re-applied writes are duplicates.
+        if let Err(e) = self.consumer.store_offsets(&offsets) {
+            tracing::debug!(error = %e, "Offsets not stored; partition no longer assigned.");
+        }
+    }
+}

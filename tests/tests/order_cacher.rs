@@ -1,0 +1,596 @@
+//! order-cacher against real Kafka and Redis: the real binary, end to end and under faults.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use fleet_tests::kafka::{self, Record};
+use fleet_tests::{
+    redis, redis_url, socket_addr_of, unique_name, wait_for, FaultProxy, Service, ServiceBuilder,
+};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rdkafka::Message;
+use redis::AsyncCommands;
+
+const PARTITIONS: i32 = 3;
+const READY: Duration = Duration::from_secs(60);
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// One test's topic, group and key prefix.
+struct Scenario {
+    topic: String,
+    group: String,
+    prefix: String,
+}
+
+impl Scenario {
+    async fn new(label: &str, partitions: i32) -> Result<Self> {
+        let scenario = Self {
+            topic: unique_name(&format!("{label}-orders")),
+            group: unique_name(&format!("{label}-group")),
+            prefix: unique_name(label),
+        };
+        kafka::create_topic(&scenario.topic, partitions).await?;
+        Ok(scenario)
+    }
+
+    /// The service's config: this scenario's topic, keys and group, version-guarded.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            r#"
+[consumer]
+group_id = "{group}"
+linger_ms = 5
+
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+
+[[topics]]
+name = "{topic}"
+key_template = "{prefix}:order:{{order_id}}"
+version_field = "version"
+{extra}
+"#,
+            group = self.group,
+            topic = self.topic,
+            prefix = self.prefix,
+        )
+    }
+
+    fn service(&self, extra: &str) -> ServiceBuilder {
+        ServiceBuilder::new("order-cacher")
+            .config_toml(self.config(extra))
+            .env("RUST_LOG", "info,rdkafka=warn")
+    }
+
+    fn key(&self, order: usize) -> String {
+        format!("{}:order:{order}", self.prefix)
+    }
+}
+
+/// An order JSON of about 300 bytes, as producers send them.
+fn order(id: usize, version: u64) -> Vec<u8> {
+    format!(
+        r#"{{"order_id": "{id}", "user_id": "user_{}", "amount": 299.99, "status": "paid", "version": {version}, "timestamp": "2023-01-01 10:00:00", "items": [{{"sku": "SKU-{id}-A", "qty": 1}}, {{"sku": "SKU-{id}-B", "qty": 2}}], "note": "{}"}}"#,
+        id % 97,
+        "x".repeat(90)
+    )
+    .into_bytes()
+}
+
+/// `count` messages over `orders` keys with versions 1..: every version of every order once,
+/// then random duplicates, shuffled, each on a random partition (so versions of one order
+/// arrive out of order). Returns the messages and each order's highest version.
+fn shuffled_orders(orders: usize, count: usize) -> (Vec<Record>, BTreeMap<usize, u64>) {
+    let mut rng = rand::rng();
+    let versions = (count * 9 / 10) / orders;
+    let mut pairs: Vec<(usize, u64)> = (0..orders)
+        .flat_map(|id| (1..=versions as u64).map(move |v| (id, v)))
+        .collect();
+    while pairs.len() < count {
+        let duplicate = pairs[rng.random_range(0..pairs.len())];
+        pairs.push(duplicate);
+    }
+    pairs.shuffle(&mut rng);
+    let highest = (0..orders).map(|id| (id, versions as u64)).collect();
+    let records = pairs
+        .into_iter()
+        .map(|(id, v)| Record::value(order(id, v)).partition(rng.random_range(0..PARTITIONS)))
+        .collect();
+    (records, highest)
+}
+
+/// Messages the service has finished with, whatever the outcome.
+async fn handled(service: &Service) -> Result<f64> {
+    service.metric_sum("order_cacher_messages_total").await
+}
+
+async fn wait_handled(service: &Service, at_least: f64, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{at_least} messages handled"), timeout, || async {
+        Ok((handled(service).await? >= at_least).then_some(()))
+    })
+    .await
+}
+
+/// Every order holds its highest version, as a reader's plain GET sees it.
+async fn assert_highest_versions(
+    scenario: &Scenario,
+    highest: &BTreeMap<usize, u64>,
+) -> Result<()> {
+    let mut conn = redis().await?;
+    let keys: Vec<String> = highest.keys().map(|&id| scenario.key(id)).collect();
+    let mut wrong = Vec::new();
+    for (chunk_keys, chunk) in keys
+        .chunks(500)
+        .zip(highest.iter().collect::<Vec<_>>().chunks(500))
+    {
+        let values: Vec<Option<String>> = conn.mget(chunk_keys).await?;
+        for (value, (id, expected)) in values.into_iter().zip(chunk) {
+            let version = value
+                .as_deref()
+                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+                .and_then(|v| v["version"].as_u64());
+            if version != Some(**expected) {
+                wrong.push(format!("order {id}: {version:?} != {expected}"));
+            }
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "{} keys not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    Ok(())
+}
+
+async fn wait_highest_versions(scenario: &Scenario, highest: &BTreeMap<usize, u64>) -> Result<()> {
+    let deadline = std::time::Instant::now() + DRAIN;
+    loop {
+        match assert_highest_versions(scenario, highest).await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn sample(service: &Service, sample: &str) -> Result<f64> {
+    Ok(service.metric(sample).await?.unwrap_or(0.0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_reordered_duplicated_messages_end_at_the_highest_versions() -> Result<()> {
+    let scenario = Scenario::new("e2e", PARTITIONS).await?;
+    let (records, highest) = shuffled_orders(500, 10_000);
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, 10_000.0, DRAIN).await?;
+    assert_highest_versions(&scenario, &highest).await?;
+
+    let outcome = |o: &str| format!("order_cacher_messages_total{{outcome=\"{o}\"}}");
+    let applied = sample(&service, &outcome("applied")).await?;
+    let stale = sample(&service, &outcome("stale")).await?;
+    let duplicate = sample(&service, &outcome("duplicate")).await?;
+    ensure!(
+        applied + stale + duplicate == 10_000.0,
+        "outcomes add up: {applied} + {stale} + {duplicate}"
+    );
+    // 9,000 distinct (order, version) pairs plus 1,000 repeats: a repeat is a duplicate, or
+    // stale when a newer version got there first; reordering makes some first sends stale too.
+    ensure!(
+        stale + duplicate >= 1_000.0 && duplicate > 0.0,
+        "repeats never apply: stale {stale}, duplicate {duplicate}"
+    );
+    ensure!(
+        (500.0..=9_000.0).contains(&applied),
+        "each order applied at least once, each pair at most once: {applied}"
+    );
+    ensure!(sample(&service, &outcome("dead_lettered")).await? == 0.0);
+    let metrics = service.metrics().await?;
+    for family in [
+        "order_cacher_batch_size_messages_count",
+        "order_cacher_redis_write_duration_seconds_count",
+        "order_cacher_event_to_cache_lag_seconds_count",
+    ] {
+        ensure!(
+            fleet_tests::process::metric_value(&metrics, family).unwrap_or(0.0) > 0.0,
+            "{family} in:\n{metrics}"
+        );
+    }
+    ensure!(
+        metrics.contains("order_cacher_rebalances_total{kind=\"assign\"}"),
+        "{metrics}"
+    );
+
+    service.sigterm()?;
+    ensure!(service.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    ensure!(
+        kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await? == 10_000,
+        "every offset committed on shutdown"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_stream_loses_nothing_and_resumes_from_committed_offsets() -> Result<()> {
+    let scenario = Scenario::new("kill9", PARTITIONS).await?;
+    let (records, highest) = shuffled_orders(400, 10_000);
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+
+    // Small batches and frequent commits make a mid-stream kill likely to split a batch.
+    let mut first = ServiceBuilder::new("order-cacher")
+        .config_toml(scenario.config("").replace(
+            "linger_ms = 5",
+            "linger_ms = 5\nbatch_size = 50\ncommit_interval_ms = 200",
+        ))
+        .spawn()?;
+    first.wait_ready(READY).await?;
+    wait_handled(&first, 3_000.0, DRAIN).await?;
+    wait_for("an offset commit", DRAIN, || async {
+        Ok(
+            (sample(&first, "order_cacher_offset_commits_total{result=\"ok\"}").await? > 0.0)
+                .then_some(()),
+        )
+    })
+    .await?;
+    first.kill9()?;
+    let committed = kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await?;
+    ensure!(
+        (1..10_000).contains(&committed),
+        "some offsets were committed before the kill: {committed}"
+    );
+
+    let mut second = scenario.service("").spawn()?;
+    second.wait_ready(READY).await?;
+    wait_highest_versions(&scenario, &highest).await?;
+    let remaining = (10_000 - committed) as f64;
+    wait_handled(&second, remaining, DRAIN).await?;
+    // The group resumed from its committed offsets: nothing before them is read again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        handled(&second).await? == remaining,
+        "the restarted service handled exactly the {remaining} uncommitted messages, got {}",
+        handled(&second).await?
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_surviving_replica_takes_over_the_partitions_of_a_killed_one() -> Result<()> {
+    let scenario = Scenario::new("replicas", PARTITIONS).await?;
+    let mut a = scenario.service("").spawn()?;
+    let mut b = scenario.service("").spawn()?;
+    a.wait_ready(READY).await?;
+    b.wait_ready(READY).await?;
+
+    // Both replicas must own partitions before the load starts.
+    wait_for("both replicas assigned", DRAIN, || async {
+        let a_lag = a.metrics().await?;
+        let b_lag = b.metrics().await?;
+        Ok((a_lag.contains("rebalances_total{kind=\"assign\"}")
+            && b_lag.contains("rebalances_total{kind=\"assign\"}"))
+        .then_some(()))
+    })
+    .await?;
+
+    let (records, highest) = shuffled_orders(300, 9_000);
+    let producer = kafka::producer()?;
+    let (first_half, second_half) = records.split_at(records.len() / 2);
+    kafka::produce(&producer, &scenario.topic, first_half).await?;
+    wait_for("both replicas handling messages", DRAIN, || async {
+        Ok((handled(&a).await? > 0.0 && handled(&b).await? > 0.0).then_some(()))
+    })
+    .await?;
+    a.kill9()?;
+    kafka::produce(&producer, &scenario.topic, second_half).await?;
+
+    wait_highest_versions(&scenario, &highest).await?;
+    ensure!(
+        sample(&b, "order_cacher_rebalances_total{kind=\"assign\"}").await? >= 2.0,
+        "the survivor was assigned the dead replica's partitions"
+    );
+    b.sigterm()?;
+    ensure!(b.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_flows_on(
+) -> Result<()> {
+    let scenario = Scenario::new("poison", 1).await?;
+    let poison: Vec<(Record, &str)> = vec![
+        (Record::value("not json at all"), "not_json"),
+        (Record::value("[1, 2, 3]"), "not_object"),
+        (
+            Record::value(r#"{"version": 1, "amount": 5}"#),
+            "missing_field",
+        ),
+        (Record::value(r#"{"order_id": "p1"}"#), "missing_field"),
+        (
+            Record::value(r#"{"order_id": "p2", "version": "tomorrow"}"#),
+            "invalid_version",
+        ),
+        (
+            Record::value(r#"{"order_id": {"nested": 1}, "version": 2}"#),
+            "invalid_field",
+        ),
+        (
+            Record::value(format!(
+                r#"{{"order_id": "p3", "version": 1, "pad": "{}"}}"#,
+                "y".repeat(3000)
+            )),
+            "too_large",
+        ),
+        (
+            Record {
+                payload: None,
+                ..Record::default()
+            },
+            "missing_field",
+        ),
+    ];
+    let mut records = Vec::new();
+    for (i, (record, _)) in poison.iter().enumerate() {
+        records.push(record.clone().header("trace-id", &format!("t{i}")));
+        records.push(Record::value(order(i, 1)));
+    }
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+
+    let mut service = scenario
+        .service("")
+        .config_toml(
+            scenario
+                .config("")
+                .replace("linger_ms = 5", "linger_ms = 5\nmax_message_bytes = 2048"),
+        )
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    let mut conn = redis().await?;
+    for i in 0..poison.len() {
+        let value: Option<String> = conn.get(scenario.key(i)).await?;
+        ensure!(
+            value.is_some(),
+            "good message {i} after a poison one was written"
+        );
+    }
+    let dlq = format!("{}.dlq", scenario.topic);
+    let letters = kafka::read(&dlq, poison.len(), Duration::from_secs(30)).await?;
+    for (i, ((record, reason), letter)) in poison.iter().zip(&letters).enumerate() {
+        ensure!(
+            kafka::header(letter, "x-error-reason").as_deref() == Some(*reason),
+            "letter {i}"
+        );
+        ensure!(kafka::header(letter, "x-error").is_some_and(|e| !e.is_empty()));
+        ensure!(
+            kafka::header(letter, "x-original-topic").as_deref() == Some(scenario.topic.as_str())
+        );
+        ensure!(kafka::header(letter, "x-original-partition").as_deref() == Some("0"));
+        ensure!(
+            kafka::header(letter, "x-original-offset") == Some((2 * i).to_string()),
+            "letter {i} names its offset"
+        );
+        ensure!(
+            kafka::header(letter, "trace-id") == Some(format!("t{i}")),
+            "original headers kept"
+        );
+        ensure!(
+            letter.payload() == record.payload.as_deref(),
+            "the message is kept as it was"
+        );
+    }
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
+        )
+        .await?
+            == poison.len() as f64
+    );
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_dead_letters_total{reason=\"missing_field\"}"
+        )
+        .await?
+            == 3.0
+    );
+    service.sigterm()?;
+    ensure!(service.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    ensure!(
+        kafka::committed_total(&scenario.group, &scenario.topic, 1).await? == records.len() as i64,
+        "the poison messages' offsets advanced"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ten_second_redis_cut_loses_nothing_and_memory_stays_bounded() -> Result<()> {
+    let scenario = Scenario::new("rediscut", PARTITIONS).await?;
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let mut service = scenario
+        .service("")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .spawn()?;
+    service.wait_ready(READY).await?;
+
+    let (records, highest) = shuffled_orders(500, 20_000);
+    let producer = kafka::producer()?;
+    let chunks: Vec<&[Record]> = records.chunks(2_000).collect();
+    kafka::produce(&producer, &scenario.topic, chunks[0]).await?;
+    wait_handled(&service, 1_000.0, DRAIN).await?;
+
+    proxy.cut();
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    let mut peak_rss = 0.0f64;
+    for chunk in &chunks[1..] {
+        kafka::produce(&producer, &scenario.topic, chunk).await?;
+        let rss = sample(&service, "process_resident_memory_bytes").await?;
+        peak_rss = peak_rss.max(rss);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let (status, body) = service.get("/readyz").await?;
+    ensure!(
+        status == 503 && body.contains("redis: down"),
+        "{status} {body}"
+    );
+    let during = handled(&service).await?;
+    proxy.restore();
+
+    wait_highest_versions(&scenario, &highest).await?;
+    wait_handled(&service, 20_000.0, DRAIN).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    ensure!(
+        during < 20_000.0,
+        "nothing was counted as written while Redis was cut: {during}"
+    );
+    ensure!(
+        peak_rss < 96.0 * 1024.0 * 1024.0,
+        "RSS stayed bounded during the outage: {peak_rss}"
+    );
+    ensure!(
+        sample(&service, "order_cacher_redis_write_failures_total").await? > 0.0,
+        "the outage was seen"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_nothing() -> Result<()>
+{
+    let scenario = Scenario::new("sigterm", PARTITIONS).await?;
+    let (records, highest) = shuffled_orders(400, 10_000);
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+
+    let mut first = ServiceBuilder::new("order-cacher")
+        .config_toml(
+            scenario
+                .config("")
+                .replace("linger_ms = 5", "linger_ms = 5\nbatch_size = 100"),
+        )
+        .spawn()?;
+    first.wait_ready(READY).await?;
+    wait_handled(&first, 2_000.0, DRAIN).await?;
+    first.sigterm()?;
+    let exit = first.wait_exit(Duration::from_secs(30)).await?;
+    ensure!(
+        exit.code() == Some(0),
+        "exit 0 on SIGTERM:\n{}",
+        first.logs()
+    );
+    ensure!(
+        first.logs().contains("Offsets committed on shutdown"),
+        "{}",
+        first.logs()
+    );
+    let committed = kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await?;
+    ensure!(
+        committed >= 2_000,
+        "what was handled is committed: {committed}"
+    );
+
+    let mut second = scenario.service("").spawn()?;
+    second.wait_ready(READY).await?;
+    wait_highest_versions(&scenario, &highest).await?;
+    let remaining = (10_000 - committed) as f64;
+    wait_handled(&second, remaining, DRAIN).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        handled(&second).await? == remaining,
+        "after a clean stop nothing is handled twice: {} vs {remaining}",
+        handled(&second).await?
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_delete_origin_marked_messages_are_skipped_and_indexes_are_capped() -> Result<()>
+{
+    let scenario = Scenario::new("features", 1).await?;
+    let index = format!(
+        r#"[[topics.indexes]]
+key_template = "{}:user:{{user_id}}:orders"
+max_entries = 3
+"#,
+        scenario.prefix
+    );
+    let mut service = scenario.service(&index).spawn()?;
+    service.wait_ready(READY).await?;
+
+    let placed = |id: usize, version: u64, minute: u32| {
+        Record::value(format!(
+            r#"{{"order_id": {id}, "user_id": "u1", "version": {version}, "timestamp": "2023-01-01 10:{minute:02}:00"}}"#
+        ))
+    };
+    let records = vec![
+        placed(1, 1, 1),
+        placed(2, 1, 2),
+        placed(3, 1, 3),
+        placed(4, 1, 4),
+        placed(5, 1, 5),
+        // A versioned tombstone deletes order 1; an older one for order 2 is stale.
+        Record {
+            key: Some(b"1".to_vec()),
+            payload: None,
+            ..Record::default()
+        }
+        .header("version", "2"),
+        placed(2, 5, 2),
+        Record {
+            key: Some(br#"{"order_id": 2}"#.to_vec()),
+            payload: None,
+            ..Record::default()
+        }
+        .header("version", "4"),
+        // An older upsert must not bring order 1 back.
+        placed(1, 1, 1),
+        // Changes that came from Redis are skipped, by header or by field.
+        placed(6, 1, 6).header("source", "redis"),
+        Record::value(r#"{"order_id": 7, "user_id": "u1", "version": 1, "source": "redis"}"#),
+    ];
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    let mut conn = redis().await?;
+    ensure!(
+        conn.get::<_, Option<String>>(scenario.key(1))
+            .await?
+            .is_none(),
+        "order 1 deleted"
+    );
+    let two: String = conn.get(scenario.key(2)).await?;
+    ensure!(
+        two.contains("\"version\": 5"),
+        "stale tombstone ignored: {two}"
+    );
+    for id in [6, 7] {
+        ensure!(
+            conn.get::<_, Option<String>>(scenario.key(id))
+                .await?
+                .is_none(),
+            "order {id} skipped"
+        );
+    }
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_messages_total{outcome=\"skipped_origin\"}"
+        )
+        .await?
+            == 2.0
+    );
+    let recent: Vec<String> = conn
+        .zrevrange(format!("{}:user:u1:orders", scenario.prefix), 0, -1)
+        .await?;
+    ensure!(
+        recent == vec![scenario.key(5), scenario.key(4), scenario.key(3)],
+        "the three latest orders by timestamp: {recent:?}"
+    );
+    Ok(())
+}
