@@ -2,12 +2,12 @@
 # Pipelined version-guarded writes against the ceiling `redis-benchmark -P <batch> SET`,
 # same value size, same clients, same keyspace, side by side in one run, alternating.
 #
-#   bench/version_guard.sh [rounds]      env: BATCH CLIENTS VALUE_SIZE WRITES KEYSPACE
+#   bench/version_guard.sh [rounds]      env: BATCH (default 500, the services' batch size) CLIENTS VALUE_SIZE WRITES KEYSPACE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
-BATCH=${BATCH:-100}
+BATCH=${BATCH:-500}  # the services' default batch size
 CLIENTS=${CLIENTS:-8}
 VALUE_SIZE=${VALUE_SIZE:-300}
 WRITES=${WRITES:-1000000}

@@ -27,6 +27,9 @@ use crate::metrics::PipelineMetrics;
 
 type OrderConsumer = StreamConsumer<OrderContext>;
 
+/// How long the writer may be stuck on a batch before the partitions are paused.
+const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Builds the consumer with the fleet's at-least-once settings; configured properties win.
 pub fn consumer(
     config: &OrderCacherConfig,
@@ -43,8 +46,11 @@ pub fn consumer(
         ("partition.assignment.strategy", "cooperative-sticky"),
         ("session.timeout.ms", "10000"),
         ("statistics.interval.ms", "5000"),
-        // Bounds what librdkafka prefetches, and so the service's memory.
-        ("queued.max.messages.kbytes", "8192"),
+        // Bounds what librdkafka prefetches, and so the service's memory. With a full queue
+        // the next fetch waits `fetch.queue.backoff.ms` (1 s by default), longer than the
+        // service needs to drain it, so keep that wait short.
+        ("queued.max.messages.kbytes", "16384"),
+        ("fetch.queue.backoff.ms", "20"),
         ("enable.partition.eof", "false"),
     ];
     fleet::kafka::client_config_with(&config.kafka, &defaults)
@@ -132,8 +138,12 @@ pub async fn run(
         batch: Batch::new(batch_size),
         paused: false,
     };
-    // A full batch the writer has no room for yet.
+    // A full batch the writer has no room for yet. While it waits, nothing more is read:
+    // librdkafka's bounded prefetch queue is the buffer. Only a writer stuck for longer
+    // (Redis down) pauses the partitions, so the consumer can keep polling and stay in the
+    // group without buffering; pausing drops the prefetch, so it is not done on every batch.
     let mut held: Option<Batch> = None;
+    let mut stalled_until: Option<Instant> = None;
     let mut linger_until: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -144,13 +154,17 @@ pub async fn run(
                 if let Some(batch) = held.take() {
                     permit.send(batch);
                 }
+                stalled_until = None;
                 reader.resume();
+            }
+            _ = sleep_until(stalled_until), if stalled_until.is_some() && !reader.paused => {
+                reader.pause(batch_size);
             }
             _ = sleep_until(linger_until), if linger_until.is_some() && held.is_none() => {
                 linger_until = None;
                 held = Some(reader.take(batch_size));
             }
-            message = consumer.recv() => match message {
+            message = consumer.recv(), if held.is_none() || reader.paused => match message {
                 Ok(message) => {
                     reader.add(&message);
                     linger_until.get_or_insert_with(|| Instant::now() + linger);
@@ -172,8 +186,14 @@ pub async fn run(
         // Hand a ready batch over at once when the writer has room.
         if let Some(batch) = held.take() {
             match tx.try_send(batch) {
-                Ok(()) => reader.resume(),
-                Err(mpsc::error::TrySendError::Full(batch)) => held = Some(batch),
+                Ok(()) => {
+                    stalled_until = None;
+                    reader.resume();
+                }
+                Err(mpsc::error::TrySendError::Full(batch)) => {
+                    held = Some(batch);
+                    stalled_until.get_or_insert_with(|| Instant::now() + STALL_BEFORE_PAUSE);
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }

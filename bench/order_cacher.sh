@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# order-cacher end to end, side by side in one run, alternating each round:
+#   ceiling  redis-benchmark -P <batch> SET, same value size (300 bytes)
+#   service  the release order-cacher draining N preloaded 300-byte orders (3 partitions,
+#            version guard on), timed from its first handled message to its last
+#   naive    a per-message Python consumer (kafka-python, then one redis-py SET per message)
+# then p99 event-to-cache latency at a steady 10,000 msg/s, and the service's peak RSS.
+#
+#   bench/order_cacher.sh [rounds]     env: N NAIVE_N BATCH LATENCY_SECS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-3}
+N=${N:-200000}
+NAIVE_N=${NAIVE_N:-20000}
+BATCH=${BATCH:-500}
+LATENCY_SECS=${LATENCY_SECS:-20}
+PORT=19102
+
+scripts/deps up redis kafka >/dev/null
+cargo build --release --quiet -p order-cacher
+venv=.deps/bench-venv
+[[ -x $venv/bin/python ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q kafka-python redis confluent-kafka; }
+py=$venv/bin/python
+
+service_pid=
+stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
+trap stop_service EXIT
+
+# start_service <topic> <group>: runs order-cacher in the background on $PORT
+start_service() {
+  cat >"$tmp/config.toml" <<TOML
+[consumer]
+group_id = "$2"
+batch_size = $BATCH
+[[topics]]
+name = "$1"
+key_template = "bench:order:{order_id}"
+version_field = "version"
+TOML
+  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn target/release/order-cacher --config "$tmp/config.toml" \
+    2>>"$tmp/service.log" &
+  service_pid=$!
+}
+
+tmp=$(mktemp -d)
+run=$(date +%s)
+ceiling=() service=() naive=() rss=()
+for round in $(seq 1 "$ROUNDS"); do
+  topic=bench-orders-$run-$round
+  "$py" bench/kafka_load.py produce --topic "$topic" --count "$N"
+
+  redis-cli -n 15 flushdb >/dev/null
+  rps=$(redis-benchmark -h 127.0.0.1 --dbnum 15 -c 8 -P "$BATCH" -d 300 -n "$N" -r 100000 -t set --csv |
+        awk -F'"' '$2 == "SET" {print $4}')
+  ceiling+=("${rps%.*}")
+
+  start_service "$topic" "bench-$run-$round"
+  out=$("$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" \
+          --family order_cacher_messages_total --count "$N")
+  service+=("${out#msgs_per_sec=}")
+  rss+=("$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")")
+  stop_service
+
+  out=$("$py" bench/naive_order_consumer.py --topic "$topic" --count "$NAIVE_N" --group "naive-$run-$round")
+  naive+=("${out#msgs_per_sec=}")
+  echo "round $round: ceiling ${ceiling[-1]}/s  order-cacher ${service[-1]}/s (peak RSS ${rss[-1]} MiB)  naive ${naive[-1]}/s"
+done
+
+# Latency: a steady 10,000 msg/s into a caught-up service.
+topic=bench-latency-$run
+"$py" bench/kafka_load.py produce --topic "$topic" --count 1
+start_service "$topic" "bench-latency-$run"
+"$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count 1 >/dev/null
+"$py" bench/kafka_load.py produce --topic "$topic" --count $((10000 * LATENCY_SECS)) --rate 10000
+"$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count $((10000 * LATENCY_SECS + 1)) >/dev/null
+latency=$("$py" bench/kafka_load.py p99 --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_event_to_cache_lag_seconds)
+latency_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")
+stop_service
+redis-cli -n 15 flushdb >/dev/null; redis-cli -n 14 flushdb >/dev/null; redis-cli -n 0 --scan --pattern 'bench:order:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
+
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+c=$(median "${ceiling[@]}"); s=$(median "${service[@]}"); n=$(median "${naive[@]}"); r=$(median "${rss[@]}")
+echo
+echo "N=$N naive_N=$NAIVE_N batch=$BATCH rounds=$ROUNDS value_size=300 partitions=3"
+echo "median redis-benchmark -P $BATCH SET : $c msg/s"
+echo "median order-cacher end to end      : $s msg/s, peak RSS $r MiB"
+echo "median naive Python consumer        : $n msg/s"
+awk -v s="$s" -v c="$c" -v n="$n" 'BEGIN {
+  printf "order-cacher / ceiling              : %.0f%% (target >= 50%%)\n", 100*s/c
+  printf "order-cacher / naive                : %.1fx (target >= 20x)\n", s/n }'
+echo "at 10000 msg/s for ${LATENCY_SECS}s           : $latency, peak RSS $latency_rss MiB (targets: p99 <= 20 ms, RSS < 64 MiB)"
