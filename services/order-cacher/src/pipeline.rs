@@ -209,7 +209,7 @@ pub async fn run(
         }
     }
     drop(tx);
-    let _ = writer_task.await;
+    let handled = writer_task.await.unwrap_or(0);
     let consumer = Arc::clone(&consumer);
     let committed = tokio::task::spawn_blocking(move || {
         let result = consumer.commit_consumer_state(CommitMode::Sync);
@@ -218,7 +218,7 @@ pub async fn run(
     })
     .await;
     match committed {
-        Ok(Ok(())) => tracing::info!("Offsets committed on shutdown."),
+        Ok(Ok(())) => tracing::info!(handled, "Offsets committed on shutdown."),
         Ok(Err(e)) => tracing::info!(error = %e, "Nothing to commit on shutdown."),
         Err(e) => tracing::warn!(error = %e, "Commit on shutdown did not run."),
     }
@@ -347,7 +347,9 @@ struct BatchWriter {
 }
 
 impl BatchWriter {
-    async fn run(mut self, mut batches: mpsc::Receiver<Batch>, shutdown: Shutdown) {
+    /// Returns how many messages it finished with (written, skipped or dead-lettered).
+    async fn run(mut self, mut batches: mpsc::Receiver<Batch>, shutdown: Shutdown) -> u64 {
+        let mut handled = 0;
         // Not raced with shutdown: the reader closes the channel after handing over the
         // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
         while let Some(batch) = batches.recv().await {
@@ -356,9 +358,11 @@ impl BatchWriter {
                     messages = batch.messages,
                     "Batch not written before shutdown; its offsets stay uncommitted."
                 );
-                return;
+                break;
             }
+            handled += batch.messages as u64;
         }
+        handled
     }
 
     /// Writes a batch and stores its offsets. `false` means shutdown interrupted it and
