@@ -372,11 +372,17 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_f
         );
     }
     let dlq = format!("{}.dlq", scenario.topic);
-    let letters = kafka::read(&dlq, poison.len(), Duration::from_secs(30)).await?;
+    let mut letters = kafka::read(&dlq, poison.len(), Duration::from_secs(30)).await?;
+    // Dead letters are not promised in source order: a letter whose produce is retried
+    // lands after later ones. Each names its source offset, so match on that.
+    letters.sort_by_key(|letter| {
+        kafka::header(letter, "x-original-offset").and_then(|offset| offset.parse::<i64>().ok())
+    });
     for (i, ((record, reason), letter)) in poison.iter().zip(&letters).enumerate() {
+        let got = kafka::header(letter, "x-error-reason");
         ensure!(
-            kafka::header(letter, "x-error-reason").as_deref() == Some(*reason),
-            "letter {i}"
+            got.as_deref() == Some(*reason),
+            "letter {i} has reason {got:?}, expected {reason}"
         );
         ensure!(kafka::header(letter, "x-error").is_some_and(|e| !e.is_empty()));
         ensure!(
