@@ -1,12 +1,14 @@
 """Load tools for bench/order_cacher.sh: produce orders, watch a service drain them.
 
-  kafka_load.py produce --topic T --count N [--rate R] [--partitions P]
+  kafka_load.py produce --topic T --count N [--rate R] [--partitions P] [--log-append-time]
   kafka_load.py drain   --metrics URL --family F --count N        prints msgs_per_sec=<n>
   kafka_load.py p99     --metrics URL --family F                  prints p99 from a histogram
+  kafka_load.py latency --topic T --count N [--skip K]           a bare consumer's p99 of
+                                                                 (receive time - message timestamp)
 """
 import argparse, json, random, time, urllib.request
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 BROKERS = "127.0.0.1:9092"
@@ -22,7 +24,8 @@ def order(i, version):
 
 def produce(args):
     admin = AdminClient({"bootstrap.servers": BROKERS})
-    for f in admin.create_topics([NewTopic(args.topic, args.partitions, 1)]).values():
+    config = {"message.timestamp.type": "LogAppendTime"} if args.log_append_time else {}
+    for f in admin.create_topics([NewTopic(args.topic, args.partitions, 1, config=config)]).values():
         try:
             f.result()
         except KafkaException as e:
@@ -78,21 +81,43 @@ def p99(args):
         le = l.split('le="')[1].split('"')[0]
         buckets.append((float("inf") if le == "+Inf" else float(le), float(l.rsplit(" ", 1)[1])))
     count = buckets[-1][1]
-    prev_le, prev_c = 0.0, 0.0
-    for le, c in buckets:
-        if c >= 0.99 * count:
-            # Linear inside the bucket, as Prometheus' histogram_quantile does.
-            frac = (0.99 * count - prev_c) / max(c - prev_c, 1)
-            print(f"p99_ms={1000 * (prev_le + (le - prev_le) * frac):.1f} samples={count:.0f}")
-            return
-        prev_le, prev_c = le, c
+
+    def quantile(q):
+        prev_le, prev_c = 0.0, 0.0
+        for le, c in buckets:
+            if c >= q * count:
+                # Linear inside the bucket, as Prometheus' histogram_quantile does.
+                return 1000 * (prev_le + (le - prev_le) * (q * count - prev_c) / max(c - prev_c, 1))
+            prev_le, prev_c = le, c
+
+    print(f"p99_ms={quantile(0.99):.1f} p50_ms={quantile(0.5):.1f} samples={count:.0f}")
+
+
+def latency(args):
+    # The floor for event-to-cache latency: what a consumer that does nothing sees.
+    c = Consumer({"bootstrap.servers": BROKERS, "group.id": f"latency-{time.time()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "fetch.wait.max.ms": 10})
+    c.subscribe([args.topic])
+    seen = []
+    while len(seen) < args.count + args.skip:
+        m = c.poll(0.1)  # returns as soon as one message is there; consume() would wait
+        if m is not None and not m.error():
+            seen.append((m.timestamp()[1], time.time() * 1000 - m.timestamp()[1]))
+    c.close()
+    # The first messages were there before the consumer started; they say nothing of latency.
+    lags = sorted(lag for _, lag in sorted(seen)[args.skip:])
+    print(f"p99_ms={lags[int(0.99 * len(lags))]:.1f} p50_ms={lags[len(lags) // 2]:.1f} samples={len(lags)}")
 
 
 parser = argparse.ArgumentParser()
 sub = parser.add_subparsers(dest="cmd", required=True)
 p = sub.add_parser("produce"); p.add_argument("--topic"); p.add_argument("--count", type=int)
 p.add_argument("--rate", type=float, default=0); p.add_argument("--partitions", type=int, default=3)
+p.add_argument("--log-append-time", action="store_true")
 d = sub.add_parser("drain"); d.add_argument("--metrics"); d.add_argument("--family"); d.add_argument("--count", type=int)
 q = sub.add_parser("p99"); q.add_argument("--metrics"); q.add_argument("--family")
+l = sub.add_parser("latency"); l.add_argument("--topic"); l.add_argument("--count", type=int)
+l.add_argument("--skip", type=int, default=0)
 args = parser.parse_args()
-{"produce": produce, "drain": drain, "p99": p99}[args.cmd](args)
+{"produce": produce, "drain": drain, "p99": p99, "latency": latency}[args.cmd](args)

@@ -10,11 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${1:-3}
+ROUNDS=${1:-3}    # 0 runs only the latency phase
 N=${N:-200000}
 NAIVE_N=${NAIVE_N:-20000}
 BATCH=${BATCH:-500}
 LATENCY_SECS=${LATENCY_SECS:-20}
+TIMESTAMPS=${TIMESTAMPS:-}  # --log-append-time: the broker stamps messages, so producer queueing is not counted
 PORT=19102
 
 scripts/deps up redis kafka >/dev/null
@@ -69,16 +70,21 @@ done
 
 # Latency: a steady 10,000 msg/s into a caught-up service.
 topic=bench-latency-$run
-"$py" bench/kafka_load.py produce --topic "$topic" --count 1
+"$py" bench/kafka_load.py produce --topic "$topic" --count 1 $TIMESTAMPS
 start_service "$topic" "bench-latency-$run"
 "$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count 1 >/dev/null
+"$py" bench/kafka_load.py latency --topic "$topic" --count $((10000 * LATENCY_SECS)) --skip 1 >"$tmp/bare" &
+bare_pid=$!
 "$py" bench/kafka_load.py produce --topic "$topic" --count $((10000 * LATENCY_SECS)) --rate 10000
+wait "$bare_pid"
+bare_latency=$(cat "$tmp/bare")
 "$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count $((10000 * LATENCY_SECS + 1)) >/dev/null
 latency=$("$py" bench/kafka_load.py p99 --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_event_to_cache_lag_seconds)
 latency_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")
 stop_service
 redis-cli -n 15 flushdb >/dev/null; redis-cli -n 14 flushdb >/dev/null; redis-cli -n 0 --scan --pattern 'bench:order:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
 
+if (( ROUNDS > 0 )); then
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 c=$(median "${ceiling[@]}"); s=$(median "${service[@]}"); n=$(median "${naive[@]}"); r=$(median "${rss[@]}")
 echo
@@ -89,4 +95,6 @@ echo "median naive Python consumer        : $n msg/s"
 awk -v s="$s" -v c="$c" -v n="$n" 'BEGIN {
   printf "order-cacher / ceiling              : %.0f%% (target >= 50%%)\n", 100*s/c
   printf "order-cacher / naive                : %.1fx (target >= 20x)\n", s/n }'
+fi
 echo "at 10000 msg/s for ${LATENCY_SECS}s           : $latency, peak RSS $latency_rss MiB (targets: p99 <= 20 ms, RSS < 64 MiB)"
+echo "  a bare consumer in the same run     : $bare_latency"

@@ -51,7 +51,8 @@ pub struct ConsumerConfig {
     /// Most messages written in one Redis pipeline.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// How long a batch waits to fill before it is written, in milliseconds.
+    /// How long a batch may wait to fill while the writer is busy, in milliseconds. When the
+    /// writer is idle a batch is written at once, so a quiet stream is not delayed.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Largest message value accepted; larger ones are dead-lettered.

@@ -2,11 +2,14 @@
 //!
 //! One task reads the consumer and decodes messages into batches; a writer task applies one
 //! batch at a time, so a partition's messages are written in order and the next batch fills
-//! while the current one is written. An offset is stored only after its message and every
+//! while the current one is written. A batch goes out at once when the writer is idle, so a
+//! quiet stream is written message by message without waiting for the linger; under load the
+//! writer is always busy and batches fill. An offset is stored only after its message and every
 //! earlier one in its batch (and every earlier batch) is written; librdkafka commits stored
 //! offsets periodically, on revoke and on shutdown. When the writer falls behind (Redis down),
 //! the partitions are paused instead of buffering without bound.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +19,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::OrderCacherConfig;
@@ -121,7 +124,9 @@ pub async fn run(
     tracing::info!(topics = %topics.join(","), group = %config.consumer.group_id, "Consuming.");
 
     let (tx, rx) = mpsc::channel::<Batch>(1);
+    let load = Arc::new(WriterLoad::default());
     let writer = BatchWriter {
+        load: Arc::clone(&load),
         cache,
         dead_letters,
         consumer: Arc::clone(&consumer),
@@ -152,6 +157,7 @@ pub async fn run(
             permit = tx.reserve(), if held.is_some() => {
                 let Ok(permit) = permit else { break };
                 if let Some(batch) = held.take() {
+                    load.handed_over();
                     permit.send(batch);
                 }
                 stalled_until = None;
@@ -164,11 +170,20 @@ pub async fn run(
                 linger_until = None;
                 held = Some(reader.take(batch_size));
             }
+            _ = load.finished.notified(), if linger_until.is_some() && held.is_none() => {
+                if load.is_idle() {
+                    linger_until = None;
+                    held = Some(reader.take(batch_size));
+                }
+            }
             message = consumer.recv(), if held.is_none() || reader.paused => match message {
                 Ok(message) => {
                     reader.add(&message);
                     linger_until.get_or_insert_with(|| Instant::now() + linger);
-                    if reader.batch.messages >= batch_size {
+                    if held.is_none() && load.is_idle() {
+                        linger_until = None;
+                        held = Some(reader.take(batch_size));
+                    } else if reader.batch.messages >= batch_size {
                         if held.is_none() {
                             linger_until = None;
                             held = Some(reader.take(batch_size));
@@ -185,12 +200,14 @@ pub async fn run(
         }
         // Hand a ready batch over at once when the writer has room.
         if let Some(batch) = held.take() {
+            load.handed_over();
             match tx.try_send(batch) {
                 Ok(()) => {
                     stalled_until = None;
                     reader.resume();
                 }
                 Err(mpsc::error::TrySendError::Full(batch)) => {
+                    load.finish();
                     held = Some(batch);
                     stalled_until.get_or_insert_with(|| Instant::now() + STALL_BEFORE_PAUSE);
                 }
@@ -204,7 +221,11 @@ pub async fn run(
         .into_iter()
         .flatten()
     {
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
+        if batch.is_empty() {
+            continue;
+        }
+        load.handed_over();
+        if tx.send(batch).await.is_err() {
             break;
         }
     }
@@ -337,8 +358,33 @@ impl Reader<'_> {
     }
 }
 
+/// How many batches the writer has been handed and not yet finished.
+#[derive(Default)]
+struct WriterLoad {
+    pending: AtomicUsize,
+    /// Woken each time the writer finishes a batch.
+    finished: Notify,
+}
+
+impl WriterLoad {
+    /// Counted before the hand-over, so the writer can never finish a batch not yet counted.
+    fn handed_over(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finish(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.finished.notify_one();
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+}
+
 /// Applies batches in order and stores their offsets.
 struct BatchWriter {
+    load: Arc<WriterLoad>,
     cache: CacheWriter,
     dead_letters: DeadLetterProducer,
     consumer: Arc<OrderConsumer>,
@@ -353,7 +399,9 @@ impl BatchWriter {
         // Not raced with shutdown: the reader closes the channel after handing over the
         // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
         while let Some(batch) = batches.recv().await {
-            if !self.apply(&batch, &shutdown).await {
+            let applied = self.apply(&batch, &shutdown).await;
+            self.load.finish();
+            if !applied {
                 tracing::warn!(
                     messages = batch.messages,
                     "Batch not written before shutdown; its offsets stay uncommitted."
