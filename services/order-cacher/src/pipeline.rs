@@ -52,7 +52,7 @@ pub fn consumer(
         // Bounds what librdkafka prefetches, and so the service's memory. With a full queue
         // the next fetch waits `fetch.queue.backoff.ms` (1 s by default), longer than the
         // service needs to drain it, so keep that wait short.
-        ("queued.max.messages.kbytes", "16384"),
+        ("queued.max.messages.kbytes", "8192"),
         ("fetch.queue.backoff.ms", "20"),
         ("enable.partition.eof", "false"),
     ];
