@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
 
 use crate::metrics::PipelineMetrics;
 
@@ -36,78 +37,128 @@ pub enum AckEvent {
 /// Sends a channel's events to its tracker.
 pub type AckSender = mpsc::UnboundedSender<AckEvent>;
 
-/// Runs until every sender is gone, acking each run of finished deliveries as it completes.
-/// Deliveries still open at the end are left to the broker, which redelivers them.
+/// How long a finished delivery may wait for more to share its ack. Fewer ack frames leave
+/// the broker more time for deliveries.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// Runs until every sender is gone, acking runs of finished deliveries as they complete: at
+/// once when `ack_batch` are waiting, otherwise after [`ACK_DELAY`]. Deliveries still open
+/// at the end are left to the broker, which redelivers them.
 pub async fn track(
     channel: Channel,
     mut events: mpsc::UnboundedReceiver<AckEvent>,
+    ack_batch: usize,
     metrics: PipelineMetrics,
 ) {
-    let mut open: BTreeMap<u64, Option<Settlement>> = BTreeMap::new();
+    let mut tracker = Tracker {
+        channel,
+        open: BTreeMap::new(),
+        ack_up_to: None,
+        waiting: 0,
+        metrics,
+    };
     let mut buffer = Vec::with_capacity(256);
-    while events.recv_many(&mut buffer, 1024).await > 0 {
-        for event in buffer.drain(..) {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            received = events.recv_many(&mut buffer, 1024) => {
+                if received == 0 {
+                    break;
+                }
+                tracker.apply(buffer.drain(..));
+                tracker.settle_finished_prefix().await;
+                if tracker.waiting >= ack_batch {
+                    tracker.flush().await;
+                    deadline = None;
+                } else if tracker.waiting > 0 {
+                    deadline.get_or_insert_with(|| Instant::now() + ACK_DELAY);
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                tracker.flush().await;
+                deadline = None;
+            }
+        }
+    }
+    tracker.flush().await;
+    tracker.metrics.unacked.sub(tracker.open.len() as i64);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Tracker {
+    channel: Channel,
+    open: BTreeMap<u64, Option<Settlement>>,
+    /// The last of the finished deliveries at the front that are not acked yet.
+    ack_up_to: Option<u64>,
+    waiting: usize,
+    metrics: PipelineMetrics,
+}
+
+impl Tracker {
+    fn apply(&mut self, events: impl Iterator<Item = AckEvent>) {
+        for event in events {
             match event {
                 AckEvent::Delivered(tag) => {
-                    open.insert(tag, None);
+                    self.open.insert(tag, None);
                 }
                 AckEvent::Settled(tag, settlement) => {
-                    if let Some(slot) = open.get_mut(&tag) {
+                    if let Some(slot) = self.open.get_mut(&tag) {
                         *slot = Some(settlement);
                     }
                 }
             }
         }
-        settle_finished_prefix(&channel, &mut open, &metrics).await;
     }
-    metrics.unacked.sub(open.len() as i64);
-}
 
-/// Settles the finished deliveries at the front, in order: acks as one `multiple` ack up to
-/// the last of a run, rejects and requeues one by one.
-async fn settle_finished_prefix(
-    channel: &Channel,
-    open: &mut BTreeMap<u64, Option<Settlement>>,
-    metrics: &PipelineMetrics,
-) {
-    let mut ack_up_to = None;
-    while let Some(entry) = open.first_entry() {
-        let Some(settlement) = *entry.get() else {
-            break;
-        };
-        let tag = *entry.key();
-        entry.remove();
-        metrics.unacked.dec();
-        match settlement {
-            Settlement::Ack => ack_up_to = Some(tag),
-            other => {
-                if let Some(last) = ack_up_to.take() {
-                    ack(channel, last, metrics).await;
-                }
-                let result = if other == Settlement::Reject {
-                    channel
-                        .basic_reject(tag, BasicRejectOptions { requeue: false })
-                        .await
-                } else {
-                    channel
-                        .basic_nack(
-                            tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            },
-                        )
-                        .await
-                };
-                if let Err(e) = result {
-                    metrics.stale_acks_dropped.inc();
-                    tracing::debug!(error = %e, tag, "Reject not sent; the channel is closed.");
-                }
+    /// Takes the finished deliveries at the front, in order: acks are gathered into one
+    /// `multiple` ack, rejects and requeues are sent one by one (after the acks before them).
+    async fn settle_finished_prefix(&mut self) {
+        while let Some(entry) = self.open.first_entry() {
+            let Some(settlement) = *entry.get() else {
+                break;
+            };
+            let tag = *entry.key();
+            entry.remove();
+            self.metrics.unacked.dec();
+            if settlement == Settlement::Ack {
+                self.ack_up_to = Some(tag);
+                self.waiting += 1;
+                continue;
+            }
+            self.flush().await;
+            let result = if settlement == Settlement::Reject {
+                self.channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await
+            } else {
+                self.channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+            };
+            if let Err(e) = result {
+                self.metrics.stale_acks_dropped.inc();
+                tracing::debug!(error = %e, tag, "Reject not sent; the channel is closed.");
             }
         }
     }
-    if let Some(last) = ack_up_to {
-        ack(channel, last, metrics).await;
+
+    async fn flush(&mut self) {
+        if let Some(tag) = self.ack_up_to.take() {
+            self.waiting = 0;
+            ack(&self.channel, tag, &self.metrics).await;
+        }
     }
 }
 

@@ -38,6 +38,9 @@ enum EpochError {
     Task(String),
 }
 
+/// How long deliveries already sent are taken after the consumer is cancelled at shutdown.
+const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(5);
+
 /// An epoch that ran at least this long resets the reconnect backoff.
 const HEALTHY_EPOCH: Duration = Duration::from_secs(30);
 
@@ -151,6 +154,7 @@ impl Epoch<'_> {
             trackers.push(tokio::spawn(ack::track(
                 channel.clone(),
                 events,
+                usize::from(self.config.consumer.prefetch / 4).max(1),
                 self.metrics.clone(),
             )));
             let link = Arc::new(Link {
@@ -325,12 +329,23 @@ impl QueueConsumer {
                 None => return Err(EpochError::Closed(self.link.queue.clone())),
             }
         }
-        // Stop the broker sending more; what was delivered and not taken is requeued when the
-        // channel closes.
+        // Stop the broker sending more, then finish what it already sent: the stream ends
+        // after the cancel is confirmed and the deliveries before it are taken.
         let _ = self
             .channel
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
             .await;
+        let finish = async {
+            while let Some(Ok(delivery)) = self.consumer.next().await {
+                self.handle(delivery).await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_ON_SHUTDOWN, finish)
+            .await
+            .is_err()
+        {
+            tracing::warn!(queue = %self.link.queue, "Deliveries left unfinished at shutdown; the broker redelivers them.");
+        }
         Ok(())
     }
 

@@ -483,6 +483,46 @@ async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_an
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothing() -> Result<()> {
+    let s = Scenario::new("cu-sigterm");
+    let consumer = "prefetch = 500\nbatch_size = 50\nshards = 2";
+    let mut first = s.service(consumer).spawn()?;
+    first.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&first], 2_000.0, DRAIN).await?;
+    stop(&mut first).await?;
+    ensure!(
+        first
+            .logs()
+            .contains("Consumers stopped; in-flight messages written and acked."),
+        "{}",
+        first.logs()
+    );
+    let left = amqp::depth(&s.queue).await?;
+    ensure!(left > 0, "stopped mid-stream");
+
+    let mut second = s.service(consumer).spawn()?;
+    second.wait_ready(READY).await?;
+    wait_queue_drained(&s.queue, &[&second]).await?;
+    wait_highest_versions(&highest).await?;
+    ensure!(
+        sample(&second, "cache_updater_redeliveries_total").await? == 0.0,
+        "everything the first replica took was acked"
+    );
+    ensure!(
+        handled(&second).await? == f64::from(left),
+        "the second replica handled exactly what was left"
+    );
+    stop(&mut second).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
     let (status, logs) = fleet_tests::ServiceBuilder::new("cache-updater")
         .config_toml("[consumer]\nprefetch = 0\n")
