@@ -108,6 +108,34 @@ impl CacheWriter {
         .await
     }
 
+    /// Writes one batch once, for callers that decide themselves what to retry, such as
+    /// giving up on writes Redis refuses while waiting out an outage. Redis is marked down
+    /// only when the failure is transient (unreachable or overloaded).
+    pub async fn try_write(
+        &mut self,
+        writes: &[CacheWrite],
+    ) -> Result<Vec<WriteOutcome>, GuardError> {
+        let started = Instant::now();
+        let result = self.guard.apply_batch(&mut self.conn, writes).await;
+        match &result {
+            Ok(_) => self.record_success(started),
+            Err(e) => {
+                self.metrics.failures.inc();
+                if e.is_transient() {
+                    self.status.set_up(false);
+                }
+            }
+        }
+        result
+    }
+
+    fn record_success(&self, started: Instant) {
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        self.status.set_up(true);
+    }
+
     async fn retrying<T, F, Fut>(
         &mut self,
         size: usize,
@@ -123,10 +151,7 @@ impl CacheWriter {
             let started = Instant::now();
             match attempt(self.conn.clone()).await {
                 Ok(value) => {
-                    self.metrics
-                        .duration
-                        .observe(started.elapsed().as_secs_f64());
-                    self.status.set_up(true);
+                    self.record_success(started);
                     return Some(value);
                 }
                 Err(e) => {

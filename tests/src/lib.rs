@@ -4,6 +4,7 @@
 //! loopback brokers that `scripts/deps up` starts. Every test takes its own names from
 //! [`unique_name`], so tests run in parallel without seeing each other's data.
 
+pub mod amqp;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod process;

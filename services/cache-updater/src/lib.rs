@@ -1,10 +1,25 @@
 //! Consumes RabbitMQ change messages and updates, invalidates or warms Redis cache entries.
+//!
+//! - [`config`]: queues, topology, prefetch, sharding.
+//! - [`decode`]: envelopes and plain entities to cache writes.
+//! - `consumer`: connection, topology, one consumer per queue, reconnects.
+//! - `shard`: key-sharded, batched, version-guarded Redis writes.
+//! - `ack`: acks in delivery order, never on a stale channel.
+//! - `delivery`: dead letters with their reason, retries with a delivery count.
 #![forbid(unsafe_code)]
 
+mod ack;
 pub mod config;
+mod consumer;
+pub mod decode;
+mod delivery;
+mod metrics;
+mod shard;
 
+use fleet::cache_writer::CacheWriter;
 use fleet::config::{ServiceSpec, ShortEnv};
 use fleet::observability::{self, Metrics};
+use fleet::version_guard::VersionGuard;
 use fleet::Shutdown;
 
 pub use config::CacheUpdaterConfig;
@@ -33,15 +48,55 @@ pub enum Error {
 /// Runs cache-updater until `shutdown` fires, then drains and returns.
 pub async fn run(config: CacheUpdaterConfig, shutdown: Shutdown) -> Result<(), Error> {
     let metrics = Metrics::new(&SPEC.metric_namespace())?;
+    let pipeline_metrics = metrics::PipelineMetrics::register(&metrics)?;
     let addr = config.telemetry.metrics_addr;
     let _server = observability::serve(addr, metrics.clone())
         .await
         .map_err(|source| Error::MetricsBind { addr, source })?;
     fleet::watch::redis(&config.redis, &metrics, &shutdown);
-    fleet::watch::amqp(&config.amqp, SPEC.name, &metrics, &shutdown);
+    // Down until the topology is declared and the consumers run.
+    let amqp_status = metrics.readiness().dependency("amqp");
+    let (readiness, stopping) = (metrics.readiness().clone(), shutdown.clone());
+    tokio::spawn(async move {
+        stopping.triggered().await;
+        readiness.set_draining();
+    });
+
+    let guard = VersionGuard::new(config.version_guard.tombstone_ttl())
+        .with_entries_per_call(config.consumer.batch_size);
+    let cache = CacheWriter::connect(
+        &config.redis,
+        guard,
+        metrics.readiness().dependency("redis"),
+        pipeline_metrics.writer.clone(),
+        &shutdown,
+    )
+    .await;
+    if let Some(cache) = cache {
+        let consumer = &config.consumer;
+        let shards = shard::Shards::start(
+            consumer.shards,
+            usize::from(consumer.prefetch),
+            shard::WriterSettings {
+                batch_size: consumer.batch_size,
+                write_attempts: consumer.write_attempts,
+                max_deliveries: consumer.max_deliveries,
+            },
+            cache,
+            pipeline_metrics.clone(),
+            &shutdown,
+        );
+        consumer::run(
+            &config,
+            shards,
+            pipeline_metrics,
+            amqp_status,
+            shutdown.clone(),
+        )
+        .await;
+    }
 
     shutdown.triggered().await;
-    metrics.readiness().set_draining();
     shutdown.wait_for_tasks().await;
     Ok(())
 }

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# cache-updater end to end, side by side in one run, alternating each round:
+#   bare     a Rust consumer that only acks, at the same prefetch: the ceiling acks in runs
+#            (multiple=true every PREFETCH/4 messages, as the service does); also shown
+#            acking each message
+#   service  the release cache-updater draining N preloaded 300-byte envelope upserts
+#            (version guard on), timed from its first handled message to its last
+#   naive    a per-message Python consumer (pika, then redis-py SET, then ack)
+# and the service's peak RSS.
+#
+#   bench/cache_updater.sh [rounds]     env: N NAIVE_N PREFETCH SHARDS BATCH DEPS_DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-3}
+N=${N:-200000}
+NAIVE_N=${NAIVE_N:-20000}
+PREFETCH=${PREFETCH:-2000}
+SHARDS=${SHARDS:-4}
+BATCH=${BATCH:-500}
+DEPS_DIR=${DEPS_DIR:-$PWD/.deps}
+export DEPS_DIR
+PORT=19101
+
+scripts/deps up redis rabbitmq >/dev/null
+cargo build --release --quiet -p cache-updater --bin cache-updater --example amqp_bench
+tool=target/release/examples/amqp_bench
+venv=$DEPS_DIR/bench-venv
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import pika, redis' 2>/dev/null || "$venv/bin/pip" install -q pika redis
+py=$venv/bin/python
+
+service_pid=
+stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
+trap stop_service EXIT
+
+# start_service <queue>: runs cache-updater in the background on $PORT, consuming <queue>
+start_service() {
+  cat >"$tmp/config.toml" <<TOML
+[topology]
+exchange = ""
+dead_letter_exchange = "$1.dlx"
+dead_letter_queue = "$1.dlq"
+[consumer]
+prefetch = $PREFETCH
+shards = $SHARDS
+batch_size = $BATCH
+[[queues]]
+name = "$1"
+TOML
+  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn target/release/cache-updater --config "$tmp/config.toml" \
+    2>>"$tmp/service.log" &
+  service_pid=$!
+}
+
+delete_queue() { scripts/deps rabbitmqctl delete_queue "$1" >/dev/null 2>&1 || true; }
+
+tmp=$(mktemp -d)
+run=$(date +%s)
+bare=() bare1=() service=() naive=() rss=()
+for round in $(seq 1 "$ROUNDS"); do
+  q=bench-cu-$run-$round
+
+  "$tool" publish --queue "$q.bare" --count "$N"
+  out=$("$tool" bare --queue "$q.bare" --count "$N" --prefetch "$PREFETCH" --ack-every $((PREFETCH / 4)))
+  bare+=("${out#msgs_per_sec=}")
+  delete_queue "$q.bare"
+  "$tool" publish --queue "$q.bare1" --count "$N"
+  out=$("$tool" bare --queue "$q.bare1" --count "$N" --prefetch "$PREFETCH" --ack-every 1)
+  bare1+=("${out#msgs_per_sec=}")
+  delete_queue "$q.bare1"
+
+  # The service declares its queue with a dead-letter exchange, so it starts first.
+  start_service "$q"
+  until curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 0.1; done
+  stop_service
+  "$tool" publish --queue "$q" --count "$N"
+  start_service "$q"
+  out=$("$tool" drain --metrics "http://127.0.0.1:$PORT/metrics" --family cache_updater_messages_total --count "$N")
+  service+=("${out#msgs_per_sec=}")
+  rss+=("$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")")
+  stop_service
+  delete_queue "$q"; delete_queue "$q.dlq"
+
+  "$tool" publish --queue "$q.naive" --count "$NAIVE_N"
+  out=$("$py" bench/cache_updater_naive.py --queue "$q.naive" --count "$NAIVE_N" --prefetch "$PREFETCH")
+  naive+=("${out#msgs_per_sec=}")
+  delete_queue "$q.naive"
+  echo "round $round: bare ${bare[-1]}/s (acking each: ${bare1[-1]}/s)  cache-updater ${service[-1]}/s (peak RSS ${rss[-1]} MiB)  naive ${naive[-1]}/s"
+done
+for round in $(seq 1 "$ROUNDS"); do
+  scripts/deps rabbitmqctl delete_exchange "bench-cu-$run-$round.dlx" >/dev/null 2>&1 || true
+done
+redis-cli -n 14 flushdb >/dev/null
+redis-cli -n 0 --scan --pattern 'bench:product:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
+redis-cli -n 0 --scan --pattern '__ver:{bench:product:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
+
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+b=$(median "${bare[@]}"); b1=$(median "${bare1[@]}"); s=$(median "${service[@]}"); n=$(median "${naive[@]}"); r=$(median "${rss[@]}")
+echo
+echo "N=$N naive_N=$NAIVE_N prefetch=$PREFETCH shards=$SHARDS batch=$BATCH rounds=$ROUNDS value_size=300"
+echo "median bare consumer (ack only)    : $b msg/s ($b1 msg/s acking each message)"
+echo "median cache-updater end to end    : $s msg/s, peak RSS $r MiB"
+echo "median naive Python consumer       : $n msg/s"
+awk -v s="$s" -v b="$b" -v n="$n" 'BEGIN {
+  printf "cache-updater / bare               : %.0f%% (target >= 70%%)\n", 100*s/b
+  printf "cache-updater / naive              : %.1fx (target >= 10x)\n", s/n }'
+echo "peak RSS                           : $r MiB (target < 64 MiB)"

@@ -1,0 +1,448 @@
+//! What one RabbitMQ message asks of the cache: writes, a skip, or a dead letter.
+//!
+//! A body whose top-level object has an `op` field is an envelope:
+//! `{"op": "upsert"|"delete"|"invalidate"|"warm", "key": ..., "value": ..., "version": ...,
+//! "ttl_secs": ..., "entries": [...]}`. Any other object is a plain entity, mapped by its
+//! queue's key template.
+
+use std::time::Duration;
+
+use fleet::envelope::{parse_object, version_field, PayloadError};
+use fleet::key_template::json_kind;
+use fleet::mapping::{EntityMapping, OriginMarker};
+use fleet::version_guard::CacheWrite;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::config::QueueConfig;
+
+/// The kind of message, a fixed metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Envelope `upsert`.
+    Upsert,
+    /// Envelope `delete`.
+    Delete,
+    /// Envelope `invalidate`.
+    Invalidate,
+    /// Envelope `warm`.
+    Warm,
+    /// A plain entity mapped by the queue's key template.
+    Entity,
+    /// Not known, because the message could not be read.
+    Unknown,
+}
+
+impl Op {
+    /// Every op, for pre-registering metric labels.
+    pub const ALL: [Op; 6] = [
+        Op::Upsert,
+        Op::Delete,
+        Op::Invalidate,
+        Op::Warm,
+        Op::Entity,
+        Op::Unknown,
+    ];
+
+    /// The metric label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Delete => "delete",
+            Op::Invalidate => "invalidate",
+            Op::Warm => "warm",
+            Op::Entity => "entity",
+            Op::Unknown => "unknown",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "upsert" => Op::Upsert,
+            "delete" => Op::Delete,
+            "invalidate" => Op::Invalidate,
+            "warm" => Op::Warm,
+            _ => return None,
+        })
+    }
+}
+
+/// What to do with one message.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Apply these writes, in order.
+    Write {
+        op: Op,
+        writes: Vec<CacheWrite>,
+        /// When the change happened (the envelope's `ts`), in Unix milliseconds.
+        event_ms: Option<i64>,
+    },
+    /// The message came from Redis; skip it.
+    SkippedOrigin(Op),
+    /// The message cannot be used; dead-letter it.
+    Poison(PayloadError),
+}
+
+/// A queue's decoding rules, built once at start-up.
+#[derive(Debug, Clone)]
+pub struct QueueRules {
+    mapping: Option<EntityMapping>,
+    origin: OriginMarker,
+    max_message_bytes: usize,
+}
+
+/// The raw JSON text of values, kept byte for byte as they arrived.
+#[derive(Deserialize)]
+struct RawValues<'a> {
+    #[serde(borrow, default)]
+    value: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    entries: Option<Vec<RawEntry<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry<'a> {
+    #[serde(borrow, default)]
+    value: Option<&'a RawValue>,
+}
+
+const ENVELOPE_FIELDS: [&str; 8] = [
+    "op", "key", "value", "version", "ttl_secs", "entries", "source", "ts",
+];
+const ENTRY_FIELDS: [&str; 4] = ["key", "value", "version", "ttl_secs"];
+
+impl QueueRules {
+    /// Rules for one configured queue.
+    pub fn new(config: &QueueConfig, origin: &OriginMarker, max_message_bytes: usize) -> Self {
+        Self {
+            mapping: config.mapping(),
+            origin: origin.clone(),
+            max_message_bytes,
+        }
+    }
+
+    /// The header (and payload field) naming a message's origin.
+    pub fn origin_field(&self) -> &str {
+        &self.origin.field
+    }
+
+    /// Decides what a message does. `origin_header` is the value of the header named like the
+    /// origin marker's field, if the message has it.
+    pub fn decode(&self, body: &[u8], origin_header: Option<&[u8]>) -> Decoded {
+        if self.origin.enabled && origin_header == Some(self.origin.value.as_bytes()) {
+            return Decoded::SkippedOrigin(Op::Unknown);
+        }
+        match self.decode_body(body) {
+            Ok(decoded) => decoded,
+            Err(e) => Decoded::Poison(e),
+        }
+    }
+
+    fn decode_body(&self, body: &[u8]) -> Result<Decoded, PayloadError> {
+        let payload = parse_object(body, self.max_message_bytes)?;
+        let op = match payload.get("op") {
+            None => None,
+            Some(Value::String(name)) => {
+                Some(Op::parse(name).ok_or_else(|| PayloadError::InvalidField {
+                    field: "op".into(),
+                    reason: "must be upsert, delete, invalidate or warm".into(),
+                })?)
+            }
+            Some(other) => {
+                return Err(PayloadError::InvalidField {
+                    field: "op".into(),
+                    reason: format!("must be a string, found {}", json_kind(other)),
+                })
+            }
+        };
+        if self.origin.matches_payload(&payload) {
+            return Ok(Decoded::SkippedOrigin(op.unwrap_or(Op::Entity)));
+        }
+        let Some(op) = op else {
+            let mapping = self
+                .mapping
+                .as_ref()
+                .ok_or_else(|| PayloadError::MissingField {
+                    field: "op (this queue takes only envelopes)".into(),
+                })?;
+            return Ok(Decoded::Write {
+                op: Op::Entity,
+                writes: vec![mapping.upsert(&payload, body)?],
+                event_ms: None,
+            });
+        };
+        envelope(op, &payload, body)
+    }
+}
+
+fn envelope(op: Op, payload: &Map<String, Value>, body: &[u8]) -> Result<Decoded, PayloadError> {
+    only_known_fields(payload, &ENVELOPE_FIELDS, "")?;
+    let raw: RawValues<'_> =
+        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    let ttl_secs = ttl(payload, "ttl_secs")?;
+    let event_ms = match payload.get("ts") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(other) => {
+            return Err(PayloadError::InvalidField {
+                field: "ts".into(),
+                reason: format!("must be Unix milliseconds, found {}", json_kind(other)),
+            })
+        }
+    };
+    let writes = match op {
+        Op::Warm => warm_entries(payload, raw.entries.unwrap_or_default(), ttl_secs)?,
+        _ => {
+            let key = key(payload, "key")?;
+            let version = version_field(payload, "version")?;
+            vec![match op {
+                Op::Upsert => {
+                    let value = raw.value.ok_or_else(|| PayloadError::MissingField {
+                        field: "value".into(),
+                    })?;
+                    CacheWrite::upsert(key, value.get().as_bytes(), version)
+                        .with_ttl(ttl_secs.map(Duration::from_secs))
+                }
+                Op::Delete => CacheWrite::delete(key, version),
+                // Invalidation drops the entry and keeps its version, so older data cannot
+                // come back through a late upsert.
+                _ => CacheWrite::delete(key, None),
+            }]
+        }
+    };
+    Ok(Decoded::Write {
+        op,
+        writes,
+        event_ms,
+    })
+}
+
+fn warm_entries(
+    payload: &Map<String, Value>,
+    raw: Vec<RawEntry<'_>>,
+    default_ttl: Option<u64>,
+) -> Result<Vec<CacheWrite>, PayloadError> {
+    let entries = match payload.get("entries") {
+        Some(Value::Array(entries)) if !entries.is_empty() => entries,
+        Some(Value::Array(_)) => {
+            return Err(PayloadError::InvalidField {
+                field: "entries".into(),
+                reason: "must not be empty".into(),
+            })
+        }
+        None | Some(Value::Null) => {
+            return Err(PayloadError::MissingField {
+                field: "entries".into(),
+            })
+        }
+        Some(other) => {
+            return Err(PayloadError::InvalidField {
+                field: "entries".into(),
+                reason: format!("must be an array, found {}", json_kind(other)),
+            })
+        }
+    };
+    let mut writes = Vec::with_capacity(entries.len());
+    for (i, (entry, raw)) in entries.iter().zip(raw).enumerate() {
+        let field = |name: &str| format!("entries[{i}].{name}");
+        let Value::Object(entry) = entry else {
+            return Err(PayloadError::InvalidField {
+                field: format!("entries[{i}]"),
+                reason: format!("must be an object, found {}", json_kind(entry)),
+            });
+        };
+        only_known_fields(entry, &ENTRY_FIELDS, &format!("entries[{i}]."))?;
+        let key = key(entry, &field("key"))?;
+        let value = raw.value.ok_or_else(|| PayloadError::MissingField {
+            field: field("value"),
+        })?;
+        let version = version_field(entry, "version").map_err(|e| match e {
+            PayloadError::InvalidVersion { source, .. } => PayloadError::InvalidVersion {
+                field: field("version"),
+                source,
+            },
+            other => other,
+        })?;
+        let ttl_secs = ttl(entry, &field("ttl_secs"))?.or(default_ttl);
+        writes.push(
+            CacheWrite::upsert(key, value.get().as_bytes(), version)
+                .with_ttl(ttl_secs.map(Duration::from_secs)),
+        );
+    }
+    Ok(writes)
+}
+
+fn only_known_fields(
+    object: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+) -> Result<(), PayloadError> {
+    match object.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(PayloadError::InvalidField {
+            field: format!("{prefix}{unknown}"),
+            reason: "is not an envelope field".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A non-empty string field; `name` is how errors call it (the last segment is looked up).
+fn key(object: &Map<String, Value>, name: &str) -> Result<String, PayloadError> {
+    let field = name.rsplit('.').next().unwrap_or(name);
+    match object.get(field) {
+        Some(Value::String(key)) if !key.is_empty() => Ok(key.clone()),
+        None | Some(Value::Null) => Err(PayloadError::MissingField { field: name.into() }),
+        Some(other) => Err(PayloadError::InvalidField {
+            field: name.into(),
+            reason: format!("must be a non-empty string, found {}", json_kind(other)),
+        }),
+    }
+}
+
+fn ttl(object: &Map<String, Value>, name: &str) -> Result<Option<u64>, PayloadError> {
+    let field = name.rsplit('.').next().unwrap_or(name);
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|s| s > 0) => Ok(n.as_u64()),
+        Some(_) => Err(PayloadError::InvalidField {
+            field: name.into(),
+            reason: "must be a positive whole number of seconds".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::key_template::KeyTemplate;
+    use fleet::version::Version;
+    use fleet::version_guard::Change;
+
+    fn rules(template: Option<&str>, version_field: Option<&str>) -> QueueRules {
+        let config = QueueConfig {
+            name: "q".into(),
+            routing_keys: None,
+            key_template: template.map(|t| KeyTemplate::parse(t).unwrap()),
+            version_field: version_field.map(str::to_string),
+            ttl_secs: None,
+        };
+        QueueRules::new(&config, &OriginMarker::default(), 4096)
+    }
+
+    fn writes(decoded: Decoded) -> (Op, Vec<CacheWrite>) {
+        match decoded {
+            Decoded::Write { op, writes, .. } => (op, writes),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn envelopes_keep_value_bytes_and_map_each_op() {
+        let r = rules(None, None);
+        let (op, w) = writes(r.decode(
+            br#"{"op":"upsert","key":"product:1","value":{"b":1, "a":2},"version":7,"ttl_secs":60}"#,
+            None,
+        ));
+        assert_eq!(op, Op::Upsert);
+        assert_eq!(
+            w,
+            vec![CacheWrite::upsert(
+                "product:1",
+                br#"{"b":1, "a":2}"#.to_vec(),
+                Some(Version::new(7))
+            )
+            .with_ttl(Some(Duration::from_secs(60)))]
+        );
+        let (op, w) = writes(r.decode(br#"{"op":"delete","key":"k","version":"9"}"#, None));
+        assert_eq!(op, Op::Delete);
+        assert_eq!(w, vec![CacheWrite::delete("k", Some(Version::new(9)))]);
+        let (op, w) = writes(r.decode(br#"{"op":"invalidate","key":"k","version":3}"#, None));
+        assert_eq!(op, Op::Invalidate);
+        assert_eq!(w, vec![CacheWrite::delete("k", None)]);
+    }
+
+    #[test]
+    fn warm_carries_many_entries_with_a_default_ttl() {
+        let r = rules(None, None);
+        let (op, w) = writes(r.decode(
+            br#"{"op":"warm","ttl_secs":30,"entries":[{"key":"a","value":"x","version":1},{"key":"b","value":[1],"ttl_secs":5}]}"#,
+            None,
+        ));
+        assert_eq!(op, Op::Warm);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].change, Change::Upsert(br#""x""#.to_vec()));
+        assert_eq!(w[0].ttl, Some(Duration::from_secs(30)));
+        assert_eq!(w[1].change, Change::Upsert(b"[1]".to_vec()));
+        assert_eq!(w[1].ttl, Some(Duration::from_secs(5)));
+        assert_eq!(w[1].version, None);
+    }
+
+    #[test]
+    fn plain_entities_use_the_queue_template() {
+        let r = rules(Some("product:{product_id}"), Some("version"));
+        let body = br#"{"product_id": 1, "product_name": "New Product", "version": 2}"#;
+        let (op, w) = writes(r.decode(body, None));
+        assert_eq!(op, Op::Entity);
+        assert_eq!(w[0].key, "product:1");
+        assert_eq!(w[0].change, Change::Upsert(body.to_vec()));
+        assert_eq!(
+            r.decode(br#"{"product_id": 1}"#, None),
+            Decoded::Poison(PayloadError::MissingField {
+                field: "version".into()
+            })
+        );
+        assert!(matches!(
+            rules(None, None).decode(br#"{"product_id": 1}"#, None),
+            Decoded::Poison(PayloadError::MissingField { .. })
+        ));
+    }
+
+    #[test]
+    fn origin_marker_in_header_or_body_skips() {
+        let r = rules(Some("p:{id}"), None);
+        assert_eq!(
+            r.decode(br#"{"id": 1}"#, Some(b"redis")),
+            Decoded::SkippedOrigin(Op::Unknown)
+        );
+        assert_eq!(
+            r.decode(
+                br#"{"op":"upsert","key":"k","value":1,"source":"redis"}"#,
+                None
+            ),
+            Decoded::SkippedOrigin(Op::Upsert)
+        );
+        assert!(matches!(
+            r.decode(br#"{"id": 1}"#, Some(b"app")),
+            Decoded::Write { .. }
+        ));
+    }
+
+    #[test]
+    fn poison_of_every_kind_is_typed() {
+        let r = rules(None, None);
+        let reason = |body: &[u8]| match r.decode(body, None) {
+            Decoded::Poison(e) => e.reason(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(b"not json"), "not_json");
+        assert_eq!(reason(b"[1]"), "not_object");
+        assert_eq!(reason(br#"{"op":"explode","key":"k"}"#), "invalid_field");
+        assert_eq!(reason(br#"{"op":"upsert","value":1}"#), "missing_field");
+        assert_eq!(reason(br#"{"op":"upsert","key":"k"}"#), "missing_field");
+        assert_eq!(
+            reason(br#"{"op":"upsert","key":"k","value":1,"version":"soon"}"#),
+            "invalid_version"
+        );
+        assert_eq!(
+            reason(br#"{"op":"upsert","key":"k","value":1,"extra":2}"#),
+            "invalid_field"
+        );
+        assert_eq!(reason(br#"{"op":"warm","entries":[]}"#), "invalid_field");
+        assert_eq!(
+            reason(br#"{"op":"warm","entries":[{"key":"a"}]}"#),
+            "missing_field"
+        );
+        assert_eq!(reason(&[b' '; 5000]), "too_large");
+    }
+}

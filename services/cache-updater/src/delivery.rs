@@ -1,0 +1,280 @@
+//! One delivery from a queue, and the ways it can end: acked, dead-lettered with its reason,
+//! or put back on its queue for another try.
+
+use std::sync::Arc;
+
+use fleet::envelope::PayloadError;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+
+use crate::ack::{AckEvent, AckSender, Settlement};
+use crate::metrics::PipelineMetrics;
+
+/// Header counting deliveries of a message this service put back on its queue.
+pub const DELIVERIES_HEADER: &str = "x-cache-updater-deliveries";
+
+/// Why a message is dead-lettered or retried.
+#[derive(Debug)]
+pub enum Failure {
+    /// The message cannot be read.
+    Poison(PayloadError),
+    /// It was delivered too many times.
+    MaxDeliveries(u32),
+    /// Redis kept refusing its write.
+    WriteFailed(String),
+}
+
+impl Failure {
+    /// A fixed, low-cardinality reason for metrics and the `x-error-reason` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Poison(e) => e.reason(),
+            Failure::MaxDeliveries(_) => "max_deliveries",
+            Failure::WriteFailed(_) => "write_failed",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Failure::Poison(e) => e.to_string(),
+            Failure::MaxDeliveries(n) => format!("delivered {n} times without being written"),
+            Failure::WriteFailed(e) => e.clone(),
+        }
+    }
+}
+
+/// What one consumer channel shares with every delivery it hands out.
+pub struct Link {
+    /// The queue consumed.
+    pub queue: String,
+    /// Where this channel's deliveries are settled.
+    pub acks: AckSender,
+    /// A channel in confirm mode on the same connection, for dead letters and retries.
+    pub publisher: Channel,
+    /// The dead-letter exchange.
+    pub dead_letter_exchange: String,
+    /// The pipeline's metrics.
+    pub metrics: PipelineMetrics,
+}
+
+/// A message taken from a queue and not yet settled.
+pub struct Delivery {
+    tag: u64,
+    data: Vec<u8>,
+    properties: BasicProperties,
+    routing_key: String,
+    deliveries: u32,
+    link: Arc<Link>,
+}
+
+impl Delivery {
+    /// Registers a delivery with its channel's ack tracker.
+    pub fn new(delivery: lapin::message::Delivery, link: Arc<Link>) -> Self {
+        let deliveries = count_deliveries(&delivery.properties, delivery.redelivered);
+        let _ = link.acks.send(AckEvent::Delivered(delivery.delivery_tag));
+        link.metrics.unacked.inc();
+        if delivery.redelivered {
+            link.metrics.redeliveries.inc();
+        }
+        Self {
+            tag: delivery.delivery_tag,
+            data: delivery.data,
+            properties: delivery.properties,
+            routing_key: delivery.routing_key.to_string(),
+            deliveries,
+            link,
+        }
+    }
+
+    /// The body.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// A header's value as bytes, if it is a string.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        match header(&self.properties, name)? {
+            AMQPValue::LongString(s) => Some(s.as_bytes()),
+            AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The AMQP timestamp property, in Unix milliseconds.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.properties
+            .timestamp()
+            .map(|secs| (secs as i64).saturating_mul(1000))
+    }
+
+    /// Which delivery of the message this is, counting this one.
+    pub fn deliveries(&self) -> u32 {
+        self.deliveries
+    }
+
+    /// Finishes the delivery.
+    pub fn settle(&self, settlement: Settlement) {
+        let _ = self.link.acks.send(AckEvent::Settled(self.tag, settlement));
+    }
+
+    /// Publishes the message to the dead-letter exchange with why it was refused, then acks
+    /// it. If the broker does not confirm the copy, the message is rejected instead, and the
+    /// queue's own dead-lettering takes it to the same place.
+    pub async fn dead_letter(&self, failure: &Failure) {
+        let link = &self.link;
+        tracing::warn!(
+            queue = %link.queue,
+            reason = failure.reason(),
+            error = %failure.describe(),
+            deliveries = self.deliveries,
+            "Message dead-lettered."
+        );
+        link.metrics
+            .dead_letters
+            .with_label_values(&[failure.reason()])
+            .inc();
+        let mut headers = self.headers();
+        headers.insert("x-error-reason".into(), long(failure.reason()));
+        headers.insert("x-error".into(), long(&failure.describe()));
+        headers.insert("x-original-queue".into(), long(&link.queue));
+        headers.insert("x-original-routing-key".into(), long(&self.routing_key));
+        let confirmed = self
+            .publish(&link.dead_letter_exchange, &link.queue, headers)
+            .await;
+        self.settle(if confirmed {
+            Settlement::Ack
+        } else {
+            Settlement::Reject
+        });
+    }
+
+    /// Puts the message back at the end of its queue with its delivery count, then acks it.
+    /// Falls back to a requeue when the broker does not confirm the copy.
+    pub async fn retry(&self, failure: &Failure) {
+        let link = &self.link;
+        tracing::warn!(
+            queue = %link.queue,
+            reason = failure.reason(),
+            error = %failure.describe(),
+            deliveries = self.deliveries,
+            "Message write failed; putting it back on its queue."
+        );
+        let mut headers = self.headers();
+        headers.insert(
+            DELIVERIES_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(self.deliveries)),
+        );
+        let confirmed = self.publish("", &link.queue, headers).await;
+        self.settle(if confirmed {
+            Settlement::Ack
+        } else {
+            Settlement::Requeue
+        });
+    }
+
+    fn headers(&self) -> FieldTable {
+        self.properties.headers().clone().unwrap_or_default()
+    }
+
+    async fn publish(&self, exchange: &str, routing_key: &str, headers: FieldTable) -> bool {
+        let properties = self
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let published = self
+            .link
+            .publisher
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                &self.data,
+                properties,
+            )
+            .await;
+        let confirmed = match published {
+            Ok(confirm) => confirm.await.map(|c| c.is_ack()),
+            Err(e) => Err(e),
+        };
+        match confirmed {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(exchange, "Broker refused a republished message.");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(exchange, error = %e, "Republishing a message failed.");
+                false
+            }
+        }
+    }
+}
+
+fn long(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text))
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find(|(key, _)| key.as_str() == name)
+        .map(|(_, value)| value)
+}
+
+fn as_count(value: &AMQPValue) -> Option<u32> {
+    let n = match value {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).unwrap_or(i64::MAX),
+        _ => return None,
+    };
+    u32::try_from(n.max(0)).ok()
+}
+
+/// This delivery's number: earlier deliveries are counted by this service's retry header and
+/// by a quorum queue's `x-delivery-count`; a redelivery without either counts as the second.
+fn count_deliveries(properties: &BasicProperties, redelivered: bool) -> u32 {
+    let ours = header(properties, DELIVERIES_HEADER).and_then(as_count);
+    let broker = header(properties, "x-delivery-count").and_then(as_count);
+    let earlier = match (ours, broker) {
+        (None, None) => u32::from(redelivered),
+        (a, b) => a.unwrap_or(0).saturating_add(b.unwrap_or(0)),
+    };
+    earlier.saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn properties(headers: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert((*name).into(), value.clone());
+        }
+        BasicProperties::default().with_headers(table)
+    }
+
+    #[test]
+    fn deliveries_count_retries_and_broker_redeliveries() {
+        assert_eq!(count_deliveries(&BasicProperties::default(), false), 1);
+        assert_eq!(count_deliveries(&BasicProperties::default(), true), 2);
+        let retried = properties(&[(DELIVERIES_HEADER, AMQPValue::LongLongInt(3))]);
+        assert_eq!(count_deliveries(&retried, false), 4);
+        let quorum = properties(&[
+            (DELIVERIES_HEADER, AMQPValue::LongLongInt(2)),
+            ("x-delivery-count", AMQPValue::LongInt(1)),
+        ]);
+        assert_eq!(count_deliveries(&quorum, true), 4);
+    }
+}

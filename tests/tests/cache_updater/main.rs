@@ -1,0 +1,534 @@
+//! cache-updater against real RabbitMQ and Redis: the real binary, end to end and under faults.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use fleet_tests::amqp::{self, Message, Publisher};
+use fleet_tests::{amqp_url, redis, redis_url, socket_addr_of, wait_for, FaultProxy};
+use redis::AsyncCommands;
+use support::*;
+
+/// Every key under the scenario's prefix and its value.
+async fn redis_state(prefix: &str) -> Result<BTreeMap<String, String>> {
+    let mut conn = redis().await?;
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}:*")).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = futures::StreamExt::next(&mut iter).await {
+            keys.push(key?);
+        }
+        keys
+    };
+    let mut state = BTreeMap::new();
+    for chunk in keys.chunks(1000) {
+        let values: Vec<Option<String>> = conn.mget(chunk).await?;
+        for (key, value) in chunk.iter().zip(values) {
+            if let Some(value) = value {
+                state.insert(key.clone(), value);
+            }
+        }
+    }
+    Ok(state)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis_state(
+) -> Result<()> {
+    let s = Scenario::new("cu-e2e");
+    let mut service = s.service("prefetch = 200").spawn()?;
+    service.wait_ready(READY).await?;
+    let publisher = Publisher::new().await?;
+    let mut expected = BTreeMap::new();
+
+    // Warm-up: 10,000 entries in one message, written in pipelined batches.
+    let entries: Vec<String> = (0..10_000)
+        .map(|i| {
+            format!(
+                r#"{{"key":"{}","value":{{"id":{i},"warm":true}},"version":1}}"#,
+                s.key(&format!("warm:{i}"))
+            )
+        })
+        .collect();
+    for i in 0..10_000 {
+        expected.insert(
+            s.key(&format!("warm:{i}")),
+            format!(r#"{{"id":{i},"warm":true}}"#),
+        );
+    }
+    let warm = format!(r#"{{"op":"warm","entries":[{}]}}"#, entries.join(","));
+    publisher
+        .publish(&s.exchange, "cache.update", &[Message::body(warm)])
+        .await?;
+
+    let mut messages = Vec::new();
+    // Plain entities, mapped by the queue's key template; a newer version wins.
+    for id in 0..50 {
+        for version in [2, 1] {
+            let body = format!(
+                r#"{{"product_id": {id}, "product_name": "Product {id} v{version}", "version": {version}}}"#
+            );
+            if version == 2 {
+                expected.insert(s.key(&format!("product:{id}")), body.clone());
+            }
+            messages.push(Message::body(body));
+        }
+    }
+    // Envelope upserts and deletes.
+    for id in 0..50 {
+        let key = s.key(&format!("user:{id}"));
+        let value = format!(r#"{{"user":{id},"name":"User {id}"}}"#);
+        messages.push(Message::body(format!(
+            r#"{{"op":"upsert","key":"{key}","value":{value},"version":3,"ttl_secs":3600}}"#
+        )));
+        if id % 5 == 0 {
+            messages.push(Message::body(format!(
+                r#"{{"op":"delete","key":"{key}","version":4}}"#
+            )));
+            // A late upsert cannot resurrect it.
+            messages.push(Message::body(format!(
+                r#"{{"op":"upsert","key":"{key}","value":{value},"version":2}}"#
+            )));
+        } else {
+            expected.insert(key, value);
+        }
+    }
+    // Invalidate every tenth warmed entry.
+    for i in (0..10_000).step_by(10) {
+        let key = s.key(&format!("warm:{i}"));
+        expected.remove(&key);
+        messages.push(Message::body(format!(
+            r#"{{"op":"invalidate","key":"{key}"}}"#
+        )));
+    }
+    // Changes that came from Redis are skipped, by header or by field.
+    messages.push(
+        Message::body(format!(
+            r#"{{"op":"upsert","key":"{}","value":1}}"#,
+            s.key("origin:header")
+        ))
+        .header("source", "redis"),
+    );
+    messages.push(Message::body(
+        r#"{"product_id": "origin-field", "version": 1, "source": "redis"}"#,
+    ));
+    publisher
+        .publish(&s.exchange, "product.changed", &messages)
+        .await?;
+    let total = messages.len() + 1;
+
+    wait_handled(&[&service], total as f64, DRAIN).await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let state = redis_state(&s.prefix).await?;
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| state.get(*k) != Some(*v))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = state
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .take(5)
+        .collect();
+    ensure!(
+        missing.is_empty() && extra.is_empty() && state.len() == expected.len(),
+        "Redis holds {} keys, expected {}; wrong or missing: {missing:?}; unexpected: {extra:?}",
+        state.len(),
+        expected.len()
+    );
+    let mut conn = redis().await?;
+    let ttl: i64 = conn.ttl(s.key("user:1")).await?;
+    ensure!(
+        (3000..=3600).contains(&ttl),
+        "envelope ttl_secs applied: {ttl}"
+    );
+
+    let outcome = |op: &str, outcome: &str| {
+        format!("cache_updater_messages_total{{op=\"{op}\",outcome=\"{outcome}\"}}")
+    };
+    ensure!(sample(&service, &outcome("warm", "applied")).await? == 1.0);
+    ensure!(sample(&service, &outcome("invalidate", "applied")).await? == 1_000.0);
+    ensure!(sample(&service, &outcome("entity", "applied")).await? == 50.0);
+    ensure!(sample(&service, &outcome("entity", "stale")).await? == 50.0);
+    ensure!(sample(&service, &outcome("upsert", "stale")).await? == 10.0);
+    let skipped = sample(&service, &outcome("unknown", "skipped_origin")).await?
+        + sample(&service, &outcome("entity", "skipped_origin")).await?;
+    ensure!(skipped == 2.0, "origin-marked messages skipped: {skipped}");
+    ensure!(
+        service
+            .metric_sum("cache_updater_dead_letters_total")
+            .await?
+            == 0.0
+    );
+    let metrics = service.metrics().await?;
+    for family in [
+        "cache_updater_redis_write_duration_seconds_count",
+        "cache_updater_batch_size_writes_count",
+    ] {
+        ensure!(
+            fleet_tests::process::metric_value(&metrics, family).unwrap_or(0.0) > 0.0,
+            "{family} in:\n{metrics}"
+        );
+    }
+    ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_with_reordered_duplicated_versions_end_at_the_highest_versions(
+) -> Result<()> {
+    let s = Scenario::new("cu-replicas");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mut replica = s.service("prefetch = 50\nbatch_size = 20").spawn()?;
+        replica.wait_ready(READY).await?;
+        replicas.push(replica);
+    }
+    let (messages, highest) = shuffled_upserts(&s, 300, 9_000);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+
+    let all: Vec<&fleet_tests::Service> = replicas.iter().collect();
+    wait_handled(&all, messages.len() as f64, DRAIN).await?;
+    wait_queue_drained(&s.queue, &all).await?;
+    let wrong = wrong_versions(&highest).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    let mut stale_or_duplicate = 0.0;
+    for replica in &replicas {
+        ensure!(handled(replica).await? > 0.0, "every replica took messages");
+        for outcome in ["stale", "duplicate"] {
+            stale_or_duplicate += sample(
+                replica,
+                &format!("cache_updater_messages_total{{op=\"upsert\",outcome=\"{outcome}\"}}"),
+            )
+            .await?;
+        }
+    }
+    ensure!(
+        stale_or_duplicate >= 900.0,
+        "900 repeats never applied: {stale_or_duplicate}"
+    );
+    for replica in &mut replicas {
+        stop(replica).await?;
+    }
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops() -> Result<()> {
+    let s = Scenario::new("cu-kill9");
+    let consumer = "prefetch = 300\nbatch_size = 50";
+    let mut first = s.service(consumer).spawn()?;
+    first.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 20_000);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&first], 3_000.0, DRAIN).await?;
+    let unacked = sample(&first, "cache_updater_unacked_messages").await?;
+    first.kill9()?;
+    ensure!(unacked > 0.0, "messages were in flight at the kill");
+
+    let mut second = s.service(consumer).spawn()?;
+    second.wait_ready(READY).await?;
+    wait_queue_drained(&s.queue, &[&second]).await?;
+    wait_highest_versions(&highest).await?;
+    ensure!(
+        sample(&second, "cache_updater_redeliveries_total").await? > 0.0,
+        "the killed replica's unacked messages came back"
+    );
+    ensure!(
+        second
+            .metric_sum("cache_updater_dead_letters_total")
+            .await?
+            == 0.0
+    );
+    ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    stop(&mut second).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_connection_resets_and_cuts_heal_without_loss_or_stale_acks() -> Result<()> {
+    let s = Scenario::new("cu-amqpreset");
+    let proxy = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
+    // One small-batch writer keeps the stream long enough for resets in its middle.
+    let mut service = s
+        .service("prefetch = 50\nbatch_size = 5\nshards = 1")
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        )
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+
+    for round in 1..=3 {
+        wait_handled(&[&service], 2_000.0 * f64::from(round), DRAIN).await?;
+        ensure!(
+            amqp::depth(&s.queue).await? > 0,
+            "reset {round} came mid-stream"
+        );
+        proxy.reset_connections();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.wait_ready(Duration::from_secs(30)).await?;
+    }
+    // A cut that lasts: not ready until the broker is back.
+    proxy.cut();
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    let (_, body) = service.get("/readyz").await?;
+    ensure!(body.contains("amqp: down"), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    service.wait_ready(Duration::from_secs(30)).await?;
+
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    wait_highest_versions(&highest).await?;
+    ensure!(
+        sample(&service, "cache_updater_amqp_reconnects_total").await? >= 4.0,
+        "each reset and the cut caused a reconnect"
+    );
+    assert_no_stale_acks(&service)?;
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_of_every_kind_reach_the_dlq_with_their_reason_while_good_ones_flow(
+) -> Result<()> {
+    let s = Scenario::new("cu-poison");
+    // A corrupted version key (a tombstone marker without a version) makes the guard's
+    // script fail, so Redis refuses that entry's write on every delivery.
+    let refused = s.key("refused");
+    let mut conn = redis().await?;
+    let _: () = conn
+        .set(format!("__ver:{{{refused}}}"), "corrupted")
+        .await?;
+    let mut service = s
+        .service("prefetch = 50\nmax_message_bytes = 2048\nmax_deliveries = 3\nwrite_attempts = 2")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+
+    let poison: Vec<(String, &str)> = vec![
+        ("not json at all".into(), "not_json"),
+        ("[1, 2, 3]".into(), "not_object"),
+        (
+            r#"{"op":"explode","key":"k","value":1}"#.into(),
+            "invalid_field",
+        ),
+        (r#"{"op":"upsert","value":1}"#.into(), "missing_field"),
+        (r#"{"op":"upsert","key":"k"}"#.into(), "missing_field"),
+        (r#"{"product_id": 1}"#.into(), "missing_field"),
+        (
+            r#"{"product_id": 1, "version": "tomorrow"}"#.into(),
+            "invalid_version",
+        ),
+        (
+            format!(
+                r#"{{"product_id": 2, "version": 1, "pad": "{}"}}"#,
+                "y".repeat(3000)
+            ),
+            "too_large",
+        ),
+        (
+            format!(r#"{{"op":"upsert","key":"{refused}","value":1,"version":1}}"#),
+            "write_failed",
+        ),
+    ];
+    let mut messages = Vec::new();
+    for (i, (body, _)) in poison.iter().enumerate() {
+        messages.push(Message::body(body.clone()).header("trace-id", &format!("t{i}")));
+        messages.push(upsert(&s.key(&format!("good:{i}")), 1));
+    }
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+
+    let letters = amqp::read(&s.dead_letter_queue, poison.len(), DRAIN).await?;
+    let mut by_trace: BTreeMap<String, &amqp::Received> = BTreeMap::new();
+    for letter in &letters {
+        by_trace.insert(letter.header("trace-id").unwrap_or("").to_string(), letter);
+    }
+    for (i, (body, reason)) in poison.iter().enumerate() {
+        let letter = by_trace
+            .get(&format!("t{i}"))
+            .ok_or_else(|| anyhow::anyhow!("poison {i} ({reason}) not in the DLQ"))?;
+        ensure!(
+            letter.header("x-error-reason") == Some(*reason),
+            "poison {i}: reason {:?}, expected {reason}",
+            letter.header("x-error-reason")
+        );
+        ensure!(letter.header("x-error").is_some_and(|e| !e.is_empty()));
+        ensure!(letter.header("x-original-queue") == Some(s.queue.as_str()));
+        ensure!(letter.body == body.as_bytes(), "poison {i} kept as sent");
+    }
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let mut conn = redis().await?;
+    for i in 0..poison.len() {
+        let value: Option<String> = conn.get(s.key(&format!("good:{i}"))).await?;
+        ensure!(value.is_some(), "good message {i} written");
+    }
+    let dead = |reason: &str| format!("cache_updater_dead_letters_total{{reason=\"{reason}\"}}");
+    ensure!(sample(&service, &dead("missing_field")).await? == 3.0);
+    ensure!(sample(&service, &dead("write_failed")).await? == 1.0);
+    ensure!(
+        sample(
+            &service,
+            "cache_updater_messages_total{op=\"upsert\",outcome=\"retried\"}"
+        )
+        .await?
+            == 2.0,
+        "the refused write was tried on 3 deliveries, then dead-lettered"
+    );
+    ensure!(
+        amqp::depth(&s.dead_letter_queue).await? == 0,
+        "nothing else in the DLQ"
+    );
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_and_drains(
+) -> Result<()> {
+    let s = Scenario::new("cu-rediscut");
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let prefetch = 200.0;
+    let mut service = s
+        .service("prefetch = 200")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 20_000);
+    let publisher = Publisher::new().await?;
+    let chunks: Vec<&[Message]> = messages.chunks(2_000).collect();
+    publisher
+        .publish(&s.exchange, "cache.update", chunks[0])
+        .await?;
+    wait_handled(&[&service], 1_000.0, DRAIN).await?;
+
+    proxy.cut();
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    let cut_at = std::time::Instant::now();
+    let mut peak_rss = 0.0f64;
+    let mut peak_unacked = 0.0f64;
+    for chunk in &chunks[1..] {
+        publisher
+            .publish(&s.exchange, "cache.update", chunk)
+            .await?;
+        peak_rss = peak_rss.max(sample(&service, "process_resident_memory_bytes").await?);
+        peak_unacked = peak_unacked.max(sample(&service, "cache_updater_unacked_messages").await?);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(left) = Duration::from_secs(10).checked_sub(cut_at.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    let (status, body) = service.get("/readyz").await?;
+    ensure!(
+        status == 503 && body.contains("redis: down"),
+        "{status} {body}"
+    );
+    let during = handled(&service).await?;
+    let backlog = amqp::depth(&s.queue).await?;
+    proxy.restore();
+
+    ensure!(
+        during < 20_000.0,
+        "nothing counted as written while Redis was cut: {during}"
+    );
+    ensure!(
+        backlog > 10_000,
+        "the backlog stayed in the broker: {backlog} ready"
+    );
+    ensure!(
+        peak_unacked <= prefetch,
+        "at most the prefetch was held: {peak_unacked}"
+    );
+    ensure!(
+        peak_rss < 64.0 * 1024.0 * 1024.0,
+        "RSS stayed bounded: {peak_rss}"
+    );
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    wait_highest_versions(&highest).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    ensure!(sample(&service, "cache_updater_redis_write_failures_total").await? > 0.0);
+    wait_for("every message counted", DRAIN, || async {
+        Ok((handled(&service).await? >= 20_000.0).then_some(()))
+    })
+    .await?;
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothing() -> Result<()> {
+    let s = Scenario::new("cu-sigterm");
+    let consumer = "prefetch = 500\nbatch_size = 50\nshards = 2";
+    let mut first = s.service(consumer).spawn()?;
+    first.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&first], 2_000.0, DRAIN).await?;
+    stop(&mut first).await?;
+    ensure!(
+        first
+            .logs()
+            .contains("Consumers stopped; in-flight messages written and acked."),
+        "{}",
+        first.logs()
+    );
+    let left = amqp::depth(&s.queue).await?;
+    ensure!(left > 0, "stopped mid-stream");
+
+    let mut second = s.service(consumer).spawn()?;
+    second.wait_ready(READY).await?;
+    wait_queue_drained(&s.queue, &[&second]).await?;
+    wait_highest_versions(&highest).await?;
+    ensure!(
+        sample(&second, "cache_updater_redeliveries_total").await? == 0.0,
+        "everything the first replica took was acked"
+    );
+    ensure!(
+        handled(&second).await? == f64::from(left),
+        "the second replica handled exactly what was left"
+    );
+    stop(&mut second).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
+    let (status, logs) = fleet_tests::ServiceBuilder::new("cache-updater")
+        .config_toml("[consumer]\nprefetch = 0\n")
+        .run_to_exit(Duration::from_secs(30))
+        .await?;
+    ensure!(status.code() == Some(2), "{status}: {logs}");
+    ensure!(logs.contains("consumer.prefetch"), "{logs}");
+    Ok(())
+}

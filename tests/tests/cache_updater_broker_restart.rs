@@ -1,0 +1,67 @@
+//! cache-updater across a RabbitMQ restart. Its own test binary, because it restarts the broker
+//! every other test shares (`scripts/deps restart rabbitmq`, which keeps the data).
+
+#[path = "cache_updater/support.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use fleet_tests::amqp::Publisher;
+use support::*;
+
+fn restart_rabbitmq() -> Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/deps");
+    let output = Command::new(script)
+        .args(["restart", "rabbitmq"])
+        .env("DEPS_DIR", fleet_tests::deps_dir())
+        .output()
+        .context("run scripts/deps restart rabbitmq")?;
+    ensure!(
+        output.status.success(),
+        "scripts/deps restart rabbitmq: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Result<()> {
+    let s = Scenario::new("cu-restart");
+    // Slow writes keep the stream going while the broker restarts.
+    let mut service = s
+        .service("prefetch = 100\nbatch_size = 10\nshards = 1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&service], 2_000.0, DRAIN).await?;
+    ensure!(
+        fleet_tests::amqp::depth(&s.queue).await? > 0,
+        "the restart happens mid-stream"
+    );
+
+    tokio::task::spawn_blocking(restart_rabbitmq).await??;
+    service.wait_ready(Duration::from_secs(90)).await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    wait_highest_versions(&highest).await?;
+    ensure!(
+        sample(&service, "cache_updater_amqp_reconnects_total").await? >= 1.0,
+        "the service reconnected by itself"
+    );
+    ensure!(
+        service
+            .metric_sum("cache_updater_dead_letters_total")
+            .await?
+            == 0.0
+    );
+    assert_no_stale_acks(&service)?;
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
