@@ -6,7 +6,7 @@
 #   naive    a per-message Python consumer (kafka-python, then one redis-py SET per message)
 # then p99 event-to-cache latency at a steady 10,000 msg/s, and the service's peak RSS.
 #
-#   bench/order_cacher.sh [rounds]     env: N NAIVE_N BATCH LATENCY_SECS
+#   bench/order_cacher.sh [rounds]     env: N NAIVE_N BATCH LATENCY_SECS TIMESTAMPS SHOW_BUCKETS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,6 +80,7 @@ wait "$bare_pid"
 bare_latency=$(cat "$tmp/bare")
 "$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count $((10000 * LATENCY_SECS + 1)) >/dev/null
 latency=$("$py" bench/kafka_load.py p99 --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_event_to_cache_lag_seconds)
+[[ -n ${SHOW_BUCKETS:-} ]] && curl -s "http://127.0.0.1:$PORT/metrics" | grep event_to_cache_lag_seconds_bucket
 latency_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")
 stop_service
 redis-cli -n 15 flushdb >/dev/null; redis-cli -n 14 flushdb >/dev/null; redis-cli -n 0 --scan --pattern 'bench:order:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
