@@ -81,7 +81,8 @@ async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis
         let key = s.key(&format!("user:{id}"));
         let value = format!(r#"{{"user":{id},"name":"User {id}"}}"#);
         messages.push(Message::body(format!(
-            r#"{{"op":"upsert","key":"{key}","value":{value},"version":3,"ttl_secs":3600}}"#
+            r#"{{"op":"upsert","key":"{key}","value":{value},"version":3,"ttl_secs":3600,"ts":{}}}"#,
+            now_ms()
         )));
         if id % 5 == 0 {
             messages.push(Message::body(format!(
@@ -172,7 +173,61 @@ async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis
             "{family} in:\n{metrics}"
         );
     }
+    ensure!(
+        fleet_tests::process::metric_value(
+            &metrics,
+            "cache_updater_event_to_cache_lag_seconds_count"
+        ) == Some(50.0),
+        "lag observed for the 50 envelopes with a ts"
+    );
     ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unversioned_writes_to_one_key_apply_in_arrival_order_while_keys_run_in_parallel(
+) -> Result<()> {
+    let s = Scenario::new("cu-order");
+    let mut service = s
+        .service("prefetch = 1000\nbatch_size = 7\nshards = 8")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    // Without versions the guard cannot help: only arrival order makes the last one stick.
+    let keys = 200usize;
+    let rounds = 40u64;
+    // One key's writes come back to back, so parallel writers would race on them.
+    let messages: Vec<Message> = (0..keys)
+        .flat_map(|k| (1..=rounds).map(move |v| (k, v)))
+        .map(|(k, v)| {
+            Message::body(format!(
+                r#"{{"op":"upsert","key":"{}","value":{{"v":{v}}}}}"#,
+                s.key(&format!("k:{k}"))
+            ))
+        })
+        .collect();
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&service], messages.len() as f64, DRAIN).await?;
+    let highest = (0..keys)
+        .map(|k| (s.key(&format!("k:{k}")), rounds))
+        .collect();
+    let wrong = wrong_versions(&highest).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys do not hold their last write: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
     stop(&mut service).await?;
     s.cleanup().await;
     Ok(())
