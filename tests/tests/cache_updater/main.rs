@@ -578,6 +578,47 @@ async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothi
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn quorum_queues_declared_by_two_replicas_flow_and_cap_deliveries() -> Result<()> {
+    let s = Scenario::new("cu-quorum");
+    let refused = s.key("refused");
+    let mut conn = redis().await?;
+    let _: () = conn
+        .set(format!("__ver:{{{refused}}}"), "corrupted")
+        .await?;
+    // Both replicas declare the same quorum topology; the second declaration is a no-op.
+    let config = s
+        .config("prefetch = 100\nmax_deliveries = 2\nwrite_attempts = 1")
+        .replace("[consumer]", "quorum_queues = true\n\n[consumer]");
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut replica = fleet_tests::ServiceBuilder::new("cache-updater")
+            .config_toml(config.clone())
+            .spawn()?;
+        replica.wait_ready(READY).await?;
+        replicas.push(replica);
+    }
+    let (mut messages, highest) = ordered_upserts(&s, 100, 2_000);
+    messages.push(Message::body(format!(
+        r#"{{"op":"upsert","key":"{refused}","value":1,"version":1}}"#
+    )));
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(letters[0].header("x-error-reason") == Some("write_failed"));
+    let all: Vec<&fleet_tests::Service> = replicas.iter().collect();
+    wait_queue_drained(&s.queue, &all).await?;
+    wait_highest_versions(&highest).await?;
+    for replica in &mut replicas {
+        assert_no_stale_acks(replica)?;
+        stop(replica).await?;
+    }
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
     let (status, logs) = fleet_tests::ServiceBuilder::new("cache-updater")
         .config_toml("[consumer]\nprefetch = 0\n")
