@@ -421,6 +421,35 @@ impl ShutdownConfig {
     }
 }
 
+/// How long the version guard remembers deletes (`[version_guard]`, for the consumers).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    /// How long a versioned delete's tombstone blocks older upserts, in seconds (0 keeps
+    /// tombstones forever). Should exceed the longest a message can be late.
+    #[serde(default = "default_tombstone_ttl_secs")]
+    pub tombstone_ttl_secs: u64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            tombstone_ttl_secs: default_tombstone_ttl_secs(),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// The tombstone lifetime as a duration.
+    pub fn tombstone_ttl(&self) -> Duration {
+        Duration::from_secs(self.tombstone_ttl_secs)
+    }
+}
+
+fn default_tombstone_ttl_secs() -> u64 {
+    7 * 24 * 3600
+}
+
 fn default_grace_period_secs() -> u64 {
     30
 }

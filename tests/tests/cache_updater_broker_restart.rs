@@ -46,7 +46,9 @@ async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Res
         "the restart happens mid-stream"
     );
 
-    tokio::task::spawn_blocking(restart_rabbitmq).await??;
+    let restart = tokio::task::spawn_blocking(restart_rabbitmq);
+    service.wait_readyz(503, Duration::from_secs(60)).await?;
+    restart.await??;
     service.wait_ready(Duration::from_secs(90)).await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
     wait_highest_versions(&highest).await?;

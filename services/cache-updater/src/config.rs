@@ -1,9 +1,9 @@
 //! The cache-updater configuration. See `docs/configuration.md` for every key and its env name.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use fleet::app::ServiceConfig;
+pub use fleet::config::GuardConfig;
 use fleet::config::{
     AmqpConfig, ConfigError, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
@@ -204,35 +204,6 @@ fn default_max_deliveries() -> u32 {
 
 fn default_write_attempts() -> u32 {
     3
-}
-
-/// How long deletes are remembered.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuardConfig {
-    /// How long a versioned delete's tombstone blocks older upserts, in seconds (0 keeps
-    /// tombstones forever).
-    #[serde(default = "default_tombstone_ttl_secs")]
-    pub tombstone_ttl_secs: u64,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        Self {
-            tombstone_ttl_secs: default_tombstone_ttl_secs(),
-        }
-    }
-}
-
-impl GuardConfig {
-    /// The tombstone lifetime as a duration.
-    pub fn tombstone_ttl(&self) -> Duration {
-        Duration::from_secs(self.tombstone_ttl_secs)
-    }
-}
-
-fn default_tombstone_ttl_secs() -> u64 {
-    7 * 24 * 3600
 }
 
 impl Validate for CacheUpdaterConfig {

@@ -139,14 +139,8 @@ impl Delivery {
         headers.insert("x-error".into(), long(&failure.describe()));
         headers.insert("x-original-queue".into(), long(&link.queue));
         headers.insert("x-original-routing-key".into(), long(&self.routing_key));
-        let confirmed = self
-            .publish(&link.dead_letter_exchange, &link.queue, headers)
+        self.copy_then_ack(&link.dead_letter_exchange, headers, Settlement::Reject)
             .await;
-        self.settle(if confirmed {
-            Settlement::Ack
-        } else {
-            Settlement::Reject
-        });
     }
 
     /// Puts the message back at the end of its queue with its delivery count, then acks it.
@@ -165,16 +159,22 @@ impl Delivery {
             DELIVERIES_HEADER.into(),
             AMQPValue::LongLongInt(i64::from(self.deliveries)),
         );
-        let confirmed = self.publish("", &link.queue, headers).await;
-        self.settle(if confirmed {
-            Settlement::Ack
-        } else {
-            Settlement::Requeue
-        });
+        self.copy_then_ack("", headers, Settlement::Requeue).await;
     }
 
     fn headers(&self) -> FieldTable {
         self.properties.headers().clone().unwrap_or_default()
+    }
+
+    /// Publishes a copy with `headers` (routed by the queue's name), and acks the original
+    /// once the broker confirmed the copy; settles it with `otherwise` if it did not.
+    async fn copy_then_ack(&self, exchange: &str, headers: FieldTable, otherwise: Settlement) {
+        let confirmed = self.publish(exchange, &self.link.queue, headers).await;
+        self.settle(if confirmed {
+            Settlement::Ack
+        } else {
+            otherwise
+        });
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, headers: FieldTable) -> bool {

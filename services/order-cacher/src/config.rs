@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fleet::app::ServiceConfig;
+pub use fleet::config::GuardConfig;
 use fleet::config::{
     ConfigError, KafkaConfig, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
@@ -190,28 +191,6 @@ fn default_score_field() -> String {
 
 fn default_max_entries() -> usize {
     100
-}
-
-/// How long deletes are remembered.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuardConfig {
-    /// How long a versioned delete's tombstone blocks older upserts, in seconds (0 keeps
-    /// tombstones forever). Should exceed the longest a message can be late.
-    #[serde(default = "default_tombstone_ttl_secs")]
-    pub tombstone_ttl_secs: u64,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        Self {
-            tombstone_ttl_secs: default_tombstone_ttl_secs(),
-        }
-    }
-}
-
-fn default_tombstone_ttl_secs() -> u64 {
-    7 * 24 * 3600
 }
 
 impl Validate for OrderCacherConfig {

@@ -81,7 +81,8 @@ async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis
         let key = s.key(&format!("user:{id}"));
         let value = format!(r#"{{"user":{id},"name":"User {id}"}}"#);
         messages.push(Message::body(format!(
-            r#"{{"op":"upsert","key":"{key}","value":{value},"version":3,"ttl_secs":3600}}"#
+            r#"{{"op":"upsert","key":"{key}","value":{value},"version":3,"ttl_secs":3600,"ts":{}}}"#,
+            now_ms()
         )));
         if id % 5 == 0 {
             messages.push(Message::body(format!(
@@ -172,7 +173,61 @@ async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis
             "{family} in:\n{metrics}"
         );
     }
+    ensure!(
+        fleet_tests::process::metric_value(
+            &metrics,
+            "cache_updater_event_to_cache_lag_seconds_count"
+        ) == Some(50.0),
+        "lag observed for the 50 envelopes with a ts"
+    );
     ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unversioned_writes_to_one_key_apply_in_arrival_order_while_keys_run_in_parallel(
+) -> Result<()> {
+    let s = Scenario::new("cu-order");
+    let mut service = s
+        .service("prefetch = 1000\nbatch_size = 7\nshards = 8")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    // Without versions the guard cannot help: only arrival order makes the last one stick.
+    let keys = 200usize;
+    let rounds = 40u64;
+    // One key's writes come back to back, so parallel writers would race on them.
+    let messages: Vec<Message> = (0..keys)
+        .flat_map(|k| (1..=rounds).map(move |v| (k, v)))
+        .map(|(k, v)| {
+            Message::body(format!(
+                r#"{{"op":"upsert","key":"{}","value":{{"v":{v}}}}}"#,
+                s.key(&format!("k:{k}"))
+            ))
+        })
+        .collect();
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&service], messages.len() as f64, DRAIN).await?;
+    let highest = (0..keys)
+        .map(|k| (s.key(&format!("k:{k}")), rounds))
+        .collect();
+    let wrong = wrong_versions(&highest).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys do not hold their last write: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
     stop(&mut service).await?;
     s.cleanup().await;
     Ok(())
@@ -518,6 +573,47 @@ async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothi
         "the second replica handled exactly what was left"
     );
     stop(&mut second).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_queues_declared_by_two_replicas_flow_and_cap_deliveries() -> Result<()> {
+    let s = Scenario::new("cu-quorum");
+    let refused = s.key("refused");
+    let mut conn = redis().await?;
+    let _: () = conn
+        .set(format!("__ver:{{{refused}}}"), "corrupted")
+        .await?;
+    // Both replicas declare the same quorum topology; the second declaration is a no-op.
+    let config = s
+        .config("prefetch = 100\nmax_deliveries = 2\nwrite_attempts = 1")
+        .replace("[consumer]", "quorum_queues = true\n\n[consumer]");
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut replica = fleet_tests::ServiceBuilder::new("cache-updater")
+            .config_toml(config.clone())
+            .spawn()?;
+        replica.wait_ready(READY).await?;
+        replicas.push(replica);
+    }
+    let (mut messages, highest) = ordered_upserts(&s, 100, 2_000);
+    messages.push(Message::body(format!(
+        r#"{{"op":"upsert","key":"{refused}","value":1,"version":1}}"#
+    )));
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(letters[0].header("x-error-reason") == Some("write_failed"));
+    let all: Vec<&fleet_tests::Service> = replicas.iter().collect();
+    wait_queue_drained(&s.queue, &all).await?;
+    wait_highest_versions(&highest).await?;
+    for replica in &mut replicas {
+        assert_no_stale_acks(replica)?;
+        stop(replica).await?;
+    }
     s.cleanup().await;
     Ok(())
 }
