@@ -53,7 +53,7 @@ TOML
   service_pid=$!
 }
 
-delete_queue() { scripts/deps rabbitmqctl delete_queue "$1" >/dev/null 2>&1 || true; }
+delete_amqp() { "$tool" delete "$@" >/dev/null 2>&1 || true; }
 
 tmp=$(mktemp -d)
 run=$(date +%s)
@@ -64,11 +64,11 @@ for round in $(seq 1 "$ROUNDS"); do
   "$tool" publish --queue "$q.bare" --count "$N"
   out=$("$tool" bare --queue "$q.bare" --count "$N" --prefetch "$PREFETCH" --ack-every $((PREFETCH / 4)))
   bare+=("${out#msgs_per_sec=}")
-  delete_queue "$q.bare"
+  delete_amqp "$q.bare"
   "$tool" publish --queue "$q.bare1" --count "$N"
   out=$("$tool" bare --queue "$q.bare1" --count "$N" --prefetch "$PREFETCH" --ack-every 1)
   bare1+=("${out#msgs_per_sec=}")
-  delete_queue "$q.bare1"
+  delete_amqp "$q.bare1"
 
   # The service declares its queue with a dead-letter exchange, so it starts first.
   start_service "$q"
@@ -80,16 +80,13 @@ for round in $(seq 1 "$ROUNDS"); do
   service+=("${out#msgs_per_sec=}")
   rss+=("$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")")
   stop_service
-  delete_queue "$q"; delete_queue "$q.dlq"
+  delete_amqp "$q" "$q.dlq" "$q.dlx"
 
   "$tool" publish --queue "$q.naive" --count "$NAIVE_N"
   out=$("$py" bench/cache_updater_naive.py --queue "$q.naive" --count "$NAIVE_N" --prefetch "$PREFETCH")
   naive+=("${out#msgs_per_sec=}")
-  delete_queue "$q.naive"
+  delete_amqp "$q.naive"
   echo "round $round: bare ${bare[-1]}/s (acking each: ${bare1[-1]}/s)  cache-updater ${service[-1]}/s (peak RSS ${rss[-1]} MiB)  naive ${naive[-1]}/s"
-done
-for round in $(seq 1 "$ROUNDS"); do
-  scripts/deps rabbitmqctl delete_exchange "bench-cu-$run-$round.dlx" >/dev/null 2>&1 || true
 done
 redis-cli -n 14 flushdb >/dev/null
 redis-cli -n 0 --scan --pattern 'bench:product:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null

@@ -1,13 +1,14 @@
 //! Load tools for `bench/cache_updater.sh`.
 //!
 //! ```text
-//! amqp_bench publish --queue Q --count N [--size 300] [--keys 100000]
+//! amqp_bench publish --queue Q --count N [--size 300] [--keys 100000] [--transient]
 //! amqp_bench bare    --queue Q --count N --prefetch P [--ack-every K]   prints msgs_per_sec=<n>
 //! amqp_bench drain   --metrics URL --family F --count N     prints msgs_per_sec=<n>
+//! amqp_bench delete  NAME...                                deletes these queues and exchanges
 //! ```
 //!
-//! `publish` declares Q (durable) and fills it with persistent envelope upserts of `--size`
-//! bytes over `--keys` keys, with rising versions. `bare` is the broker's ceiling: it consumes
+//! `publish` declares Q (durable) and fills it with envelope upserts of `--size`
+//! bytes over `--keys` keys, with rising versions, persistent unless `--transient`. `bare` is the broker's ceiling: it consumes
 //! with the given prefetch and only acks, with one `multiple` ack every K messages (default
 //! 1: each message). `drain` watches a service's counter
 //! and times its first to its last message.
@@ -48,7 +49,8 @@ async fn main() -> Result<()> {
         Some("publish") => publish(&args).await,
         Some("bare") => bare(&args).await,
         Some("drain") => drain(&args).await,
-        _ => bail!("usage: amqp_bench publish|bare|drain ..."),
+        Some("delete") => delete(&args[2..]).await,
+        _ => bail!("usage: amqp_bench publish|bare|drain|delete ..."),
     }
 }
 
@@ -97,7 +99,12 @@ async fn publish(args: &[String]) -> Result<()> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let properties = BasicProperties::default().with_delivery_mode(2);
+    let mode = if args.iter().any(|a| a == "--transient") {
+        1
+    } else {
+        2
+    };
+    let properties = BasicProperties::default().with_delivery_mode(mode);
     let mut i = 0;
     while i < count {
         let mut confirms = Vec::new();
@@ -198,4 +205,28 @@ async fn drain(args: &[String]) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Deletes each name as a queue and as an exchange, whichever it is.
+async fn delete(names: &[String]) -> Result<()> {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    for name in names {
+        // A failed delete closes its channel, so each gets a fresh one.
+        let channel = conn.create_channel().await?;
+        let _ = channel
+            .queue_delete(
+                name.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+        let channel = conn.create_channel().await?;
+        let _ = channel
+            .exchange_delete(
+                name.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
 }

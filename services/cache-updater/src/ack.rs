@@ -125,13 +125,13 @@ impl Tracker {
             };
             let tag = *entry.key();
             entry.remove();
-            self.metrics.unacked.dec();
             if settlement == Settlement::Ack {
                 self.ack_up_to = Some(tag);
                 self.waiting += 1;
                 continue;
             }
             self.flush().await;
+            self.metrics.unacked.dec();
             let result = if settlement == Settlement::Reject {
                 self.channel
                     .basic_reject(tag, BasicRejectOptions { requeue: false })
@@ -156,6 +156,7 @@ impl Tracker {
 
     async fn flush(&mut self) {
         if let Some(tag) = self.ack_up_to.take() {
+            self.metrics.unacked.sub(self.waiting as i64);
             self.waiting = 0;
             ack(&self.channel, tag, &self.metrics).await;
         }

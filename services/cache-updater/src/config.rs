@@ -260,6 +260,12 @@ impl Validate for CacheUpdaterConfig {
                 "must not be empty",
             ));
         }
+        if topology.dead_letter_exchange == topology.exchange {
+            return Err(ConfigError::invalid(
+                "topology.dead_letter_exchange",
+                "must differ from topology.exchange",
+            ));
+        }
         if topology.dead_letter_queue.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "topology.dead_letter_queue",

@@ -284,18 +284,28 @@ async fn three_replicas_with_reordered_duplicated_versions_end_at_the_highest_ve
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops() -> Result<()> {
     let s = Scenario::new("cu-kill9");
-    let consumer = "prefetch = 300\nbatch_size = 50";
-    let mut first = s.service(consumer).spawn()?;
-    first.wait_ready(READY).await?;
+    declare_topology(&s).await?;
     let (messages, highest) = ordered_upserts(&s, 1_000, 20_000);
     Publisher::new()
         .await?
         .publish(&s.exchange, "cache.update", &messages)
         .await?;
+    // Slow Redis round trips keep the prefetch full: deliveries wait for the writers.
+    let slow_redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    slow_redis.set_delay(Duration::from_millis(50));
+    let consumer = "prefetch = 300\nbatch_size = 50";
+    let mut first = s
+        .service(consumer)
+        .env("REDIS_URL", format!("redis://{}", slow_redis.addr()))
+        .spawn()?;
+    first.wait_ready(READY).await?;
     wait_handled(&[&first], 3_000.0, DRAIN).await?;
     let unacked = sample(&first, "cache_updater_unacked_messages").await?;
     first.kill9()?;
-    ensure!(unacked > 0.0, "messages were in flight at the kill");
+    ensure!(
+        unacked >= 150.0,
+        "the prefetch (300) was full at the kill: {unacked} unacked"
+    );
 
     let mut second = s.service(consumer).spawn()?;
     second.wait_ready(READY).await?;
@@ -320,6 +330,12 @@ async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops
 #[tokio::test(flavor = "multi_thread")]
 async fn amqp_connection_resets_and_cuts_heal_without_loss_or_stale_acks() -> Result<()> {
     let s = Scenario::new("cu-amqpreset");
+    declare_topology(&s).await?;
+    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
     let proxy = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
     // One small-batch writer keeps the stream long enough for resets in its middle.
     let mut service = s
@@ -330,11 +346,6 @@ async fn amqp_connection_resets_and_cuts_heal_without_loss_or_stale_acks() -> Re
         )
         .spawn()?;
     service.wait_ready(READY).await?;
-    let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
-    let publisher = Publisher::new().await?;
-    publisher
-        .publish(&s.exchange, "cache.update", &messages)
-        .await?;
 
     for round in 1..=3 {
         wait_handled(&[&service], 2_000.0 * f64::from(round), DRAIN).await?;
@@ -540,14 +551,15 @@ async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_an
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothing() -> Result<()> {
     let s = Scenario::new("cu-sigterm");
-    let consumer = "prefetch = 500\nbatch_size = 50\nshards = 2";
-    let mut first = s.service(consumer).spawn()?;
-    first.wait_ready(READY).await?;
+    declare_topology(&s).await?;
     let (messages, highest) = ordered_upserts(&s, 1_000, 30_000);
     Publisher::new()
         .await?
         .publish(&s.exchange, "cache.update", &messages)
         .await?;
+    let consumer = "prefetch = 500\nbatch_size = 50\nshards = 2";
+    let mut first = s.service(consumer).spawn()?;
+    first.wait_ready(READY).await?;
     wait_handled(&[&first], 2_000.0, DRAIN).await?;
     stop(&mut first).await?;
     ensure!(

@@ -214,6 +214,14 @@ pub fn assert_no_stale_acks(service: &Service) -> Result<()> {
     Ok(())
 }
 
+/// Lets a replica declare the scenario's topology and stops it, so messages can be published
+/// before the replica that consumes them starts.
+pub async fn declare_topology(scenario: &Scenario) -> Result<()> {
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    stop(&mut service).await
+}
+
 /// Stops a replica with SIGTERM and expects exit code 0.
 pub async fn stop(service: &mut Service) -> Result<()> {
     service.sigterm()?;
