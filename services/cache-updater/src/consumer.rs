@@ -33,10 +33,17 @@ enum EpochError {
     /// The broker ended a consumer (the queue was deleted, or the channel closed).
     #[error("the consumer of queue `{0}` was closed")]
     Closed(String),
+    /// The channel for dead letters and retries closed (the broker closes a channel on an
+    /// error, such as a missing exchange); without it nothing could be dead-lettered.
+    #[error("the publishing channel closed")]
+    PublisherClosed,
     /// A consumer task died.
     #[error("a queue consumer task failed: {0}")]
     Task(String),
 }
+
+/// How often an idle consumer checks that its publishing channel is open.
+const PUBLISHER_CHECK: Duration = Duration::from_secs(1);
 
 /// How long deliveries already sent are taken after the consumer is cancelled at shutdown.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(5);
@@ -317,11 +324,20 @@ struct QueueConsumer {
 
 impl QueueConsumer {
     async fn run(mut self, shutdown: Shutdown) -> Result<(), EpochError> {
+        // An idle consumer still notices a closed publishing channel.
+        let mut check = tokio::time::interval(PUBLISHER_CHECK);
         loop {
             let next = tokio::select! {
                 biased;
                 _ = shutdown.triggered() => break,
-                next = self.consumer.next() => next,
+                next = self.consumer.next() => Some(next),
+                _ = check.tick() => None,
+            };
+            if !self.link.publisher.status().connected() {
+                return Err(EpochError::PublisherClosed);
+            }
+            let Some(next) = next else {
+                continue;
             };
             match next {
                 Some(Ok(delivery)) => self.handle(delivery).await,

@@ -631,6 +631,49 @@ async fn quorum_queues_declared_by_two_replicas_flow_and_cap_deliveries() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_dead_letter_exchange_is_declared_again_after_a_reconnect() -> Result<()> {
+    let s = Scenario::new("cu-redeclare");
+    let mut service = s.service("prefetch = 10").spawn()?;
+    service.wait_ready(READY).await?;
+    amqp::delete(&[], &[&s.dead_letter_exchange]).await?;
+    let publisher = Publisher::new().await?;
+    // Dead-lettering into the missing exchange closes the publishing channel; the service
+    // reconnects, declares its topology again, and later poison reaches the DLQ.
+    publisher
+        .publish(
+            &s.exchange,
+            "cache.update",
+            &[Message::body("first poison")],
+        )
+        .await?;
+    wait_for("a reconnect", DRAIN, || async {
+        Ok((sample(&service, "cache_updater_amqp_reconnects_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    publisher
+        .publish(
+            &s.exchange,
+            "cache.update",
+            &[
+                Message::body("second poison").header("trace-id", "second"),
+                upsert(&s.key("after"), 1),
+            ],
+        )
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(letters[0].header("trace-id") == Some("second"));
+    ensure!(letters[0].header("x-error-reason") == Some("not_json"));
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let value: Option<String> = redis().await?.get(s.key("after")).await?;
+    ensure!(value.is_some(), "messages flow after the reconnect");
+    assert_no_stale_acks(&service)?;
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
     let (status, logs) = fleet_tests::ServiceBuilder::new("cache-updater")
         .config_toml("[consumer]\nprefetch = 0\n")
