@@ -48,6 +48,10 @@ const PUBLISHER_CHECK: Duration = Duration::from_secs(1);
 /// How long deliveries already sent are taken after the consumer is cancelled at shutdown.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 
+/// How long closing the connection may take. A close can wait forever for the broker's reply
+/// when the connection failed as it was closing (a frame arrived for a channel being closed).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// An epoch that ran at least this long resets the reconnect backoff.
 const HEALTHY_EPOCH: Duration = Duration::from_secs(30);
 
@@ -95,16 +99,19 @@ pub async fn run(
             Ok(trackers) => {
                 // Shutdown: let the writers finish what they hold, then ack it.
                 drop(shards);
-                for tracker in trackers {
-                    let _ = tracker.await;
+                let acked = futures::future::join_all(trackers);
+                let all_acked = tokio::time::timeout(DRAIN_ON_SHUTDOWN, acked).await.is_ok();
+                close(&conn, 200, "shutdown").await;
+                if all_acked {
+                    tracing::info!("Consumers stopped; in-flight messages written and acked.");
+                } else {
+                    tracing::warn!("Consumers stopped; acks not all sent in time, so the broker redelivers the rest.");
                 }
-                let _ = conn.close(200, "shutdown".into()).await;
-                tracing::info!("Consumers stopped; in-flight messages written and acked.");
                 return;
             }
             Err(e) => {
                 // Closing makes every ack of this connection's deliveries fail locally.
-                let _ = conn.close(320, "reconnecting".into()).await;
+                close(&conn, 320, "reconnecting").await;
                 if started.elapsed() > HEALTHY_EPOCH {
                     delays = fleet::retry::reconnect_backoff().build();
                 }
@@ -117,6 +124,18 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+async fn close(conn: &Connection, code: u16, reason: &str) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(code, reason.into()))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+            "RabbitMQ did not confirm the connection close; dropping it."
+        );
     }
 }
 
