@@ -444,6 +444,12 @@ impl GuardConfig {
     pub fn tombstone_ttl(&self) -> Duration {
         Duration::from_secs(self.tombstone_ttl_secs)
     }
+
+    /// The guard a consumer writes through, with script calls as large as its batches.
+    pub fn version_guard(&self, entries_per_call: usize) -> crate::version_guard::VersionGuard {
+        crate::version_guard::VersionGuard::new(self.tombstone_ttl())
+            .with_entries_per_call(entries_per_call)
+    }
 }
 
 fn default_tombstone_ttl_secs() -> u64 {

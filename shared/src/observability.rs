@@ -234,6 +234,15 @@ impl Readiness {
         self.inner.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Marks the service as draining as soon as `shutdown` fires, while its loops still run.
+    pub fn drain_on(&self, shutdown: &crate::shutdown::Shutdown) {
+        let (readiness, shutdown) = (self.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.triggered().await;
+            readiness.set_draining();
+        });
+    }
+
     /// Whether the service is ready, and one line per dependency.
     pub fn report(&self) -> (bool, String) {
         let deps = self

@@ -63,7 +63,7 @@ pub struct Delivery {
     tag: u64,
     data: Vec<u8>,
     properties: BasicProperties,
-    routing_key: String,
+    routing_key: ShortString,
     deliveries: u32,
     link: Arc<Link>,
 }
@@ -81,7 +81,7 @@ impl Delivery {
             tag: delivery.delivery_tag,
             data: delivery.data,
             properties: delivery.properties,
-            routing_key: delivery.routing_key.to_string(),
+            routing_key: delivery.routing_key,
             deliveries,
             link,
         }
@@ -138,7 +138,10 @@ impl Delivery {
         headers.insert("x-error-reason".into(), long(failure.reason()));
         headers.insert("x-error".into(), long(&failure.describe()));
         headers.insert("x-original-queue".into(), long(&link.queue));
-        headers.insert("x-original-routing-key".into(), long(&self.routing_key));
+        headers.insert(
+            "x-original-routing-key".into(),
+            long(self.routing_key.as_str()),
+        );
         self.copy_then_ack(&link.dead_letter_exchange, headers, Settlement::Reject)
             .await;
     }

@@ -19,7 +19,6 @@ mod shard;
 use fleet::cache_writer::CacheWriter;
 use fleet::config::{ServiceSpec, ShortEnv};
 use fleet::observability::{self, Metrics};
-use fleet::version_guard::VersionGuard;
 use fleet::Shutdown;
 
 pub use config::CacheUpdaterConfig;
@@ -56,14 +55,11 @@ pub async fn run(config: CacheUpdaterConfig, shutdown: Shutdown) -> Result<(), E
     fleet::watch::redis(&config.redis, &metrics, &shutdown);
     // Down until the topology is declared and the consumers run.
     let amqp_status = metrics.readiness().dependency("amqp");
-    let (readiness, stopping) = (metrics.readiness().clone(), shutdown.clone());
-    tokio::spawn(async move {
-        stopping.triggered().await;
-        readiness.set_draining();
-    });
+    metrics.readiness().drain_on(&shutdown);
 
-    let guard = VersionGuard::new(config.version_guard.tombstone_ttl())
-        .with_entries_per_call(config.consumer.batch_size);
+    let guard = config
+        .version_guard
+        .version_guard(config.consumer.batch_size);
     let cache = CacheWriter::connect(
         &config.redis,
         guard,

@@ -9,12 +9,10 @@ mod metrics;
 mod pipeline;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use fleet::cache_writer::CacheWriter;
 use fleet::config::{ServiceSpec, ShortEnv};
 use fleet::observability::{self, Metrics};
-use fleet::version_guard::VersionGuard;
 use fleet::Shutdown;
 
 pub use config::OrderCacherConfig;
@@ -53,17 +51,14 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
         .map_err(|source| Error::MetricsBind { addr, source })?;
     fleet::watch::redis(&config.redis, &metrics, &shutdown);
     fleet::watch::kafka(&config.kafka, &metrics, &shutdown)?;
-    let (readiness, stopping) = (metrics.readiness().clone(), shutdown.clone());
-    tokio::spawn(async move {
-        stopping.triggered().await;
-        readiness.set_draining();
-    });
+    metrics.readiness().drain_on(&shutdown);
 
     // Created before Redis is reachable, so a bad Kafka setting fails at once.
     let consumer = Arc::new(pipeline::consumer(&config, &pipeline_metrics)?);
     let dead_letters = dead_letter::DeadLetterProducer::new(&config.kafka)?;
-    let guard = VersionGuard::new(Duration::from_secs(config.version_guard.tombstone_ttl_secs))
-        .with_entries_per_call(config.consumer.batch_size);
+    let guard = config
+        .version_guard
+        .version_guard(config.consumer.batch_size);
     let cache = CacheWriter::connect(
         &config.redis,
         guard,
