@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Pipelined version-guarded writes against the ceiling `redis-benchmark -P <batch> SET`,
 # same value size, same clients, same keyspace, side by side in one run, alternating.
+# A third contender, the script floor, sends the same calls through a script that only
+# MSETs the values (no version read or write): the most any Lua-based write can reach.
 #
 #   bench/version_guard.sh [rounds]      env: BATCH (default 500, the services' batch size) CLIENTS VALUE_SIZE WRITES KEYSPACE
 set -euo pipefail
@@ -19,7 +21,7 @@ cargo build --release --quiet -p fleet --example guard_bench
 bin=target/release/examples/guard_bench
 cli() { redis-cli -h 127.0.0.1 -p 6379 -n "$DB" "$@"; }
 
-ceiling=() guarded=()
+ceiling=() floor=() guarded=()
 for round in $(seq 1 "$ROUNDS"); do
   cli FLUSHDB >/dev/null
   rps=$(redis-benchmark -h 127.0.0.1 -p 6379 --dbnum "$DB" -c "$CLIENTS" -P "$BATCH" -d "$VALUE_SIZE" \
@@ -29,14 +31,21 @@ for round in $(seq 1 "$ROUNDS"); do
   out=$("$bin" --redis-url "redis://127.0.0.1:6379/$DB" --clients "$CLIENTS" --batch "$BATCH" \
           --value-size "$VALUE_SIZE" --writes "$WRITES" --keyspace "$KEYSPACE")
   guarded+=("${out#guarded_writes_per_sec=}")
-  echo "round $round: redis-benchmark SET ${ceiling[-1]}/s, version-guarded ${guarded[-1]}/s"
+  cli FLUSHDB >/dev/null
+  out=$("$bin" --redis-url "redis://127.0.0.1:6379/$DB" --clients "$CLIENTS" --batch "$BATCH" \
+          --value-size "$VALUE_SIZE" --writes "$WRITES" --keyspace "$KEYSPACE" --script-floor)
+  floor+=("${out#script_floor_writes_per_sec=}")
+  echo "round $round: redis-benchmark SET ${ceiling[-1]}/s, script floor ${floor[-1]}/s, version-guarded ${guarded[-1]}/s"
 done
 cli FLUSHDB >/dev/null
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
-c=$(median "${ceiling[@]}"); g=$(median "${guarded[@]}")
+c=$(median "${ceiling[@]}"); f=$(median "${floor[@]}"); g=$(median "${guarded[@]}")
 echo
 echo "batch=$BATCH clients=$CLIENTS value_size=$VALUE_SIZE writes=$WRITES keyspace=$KEYSPACE rounds=$ROUNDS"
 echo "median redis-benchmark -P $BATCH SET : $c writes/s"
+echo "median script floor (values only)    : $f writes/s"
 echo "median version-guarded pipelined     : $g writes/s"
-awk -v g="$g" -v c="$c" 'BEGIN {printf "ratio                                : %.0f%% of the ceiling (target >= 50%%)\n", 100*g/c}'
+awk -v g="$g" -v f="$f" -v c="$c" 'BEGIN {
+  printf "script floor                         : %.0f%% of the ceiling\n", 100*f/c
+  printf "ratio                                : %.0f%% of the ceiling (target >= 50%%), %.0f%% of the script floor\n", 100*g/c, 100*g/f }'

@@ -3,6 +3,11 @@
 //! Each client connection sends batches of `--batch` upserts of `--value-size` bytes to random
 //! keys, one batch per round trip, with ever-increasing versions so every write is applied
 //! (the most expensive path). Prints one line: `guarded_writes_per_sec=<n>`.
+//!
+//! With `--script-floor` it instead sends the same keys and values through the cheapest
+//! possible script, one `MSET` of the values with no version read or write, and prints
+//! `script_floor_writes_per_sec=<n>`: what any Lua-based write costs on this server before
+//! it guards anything.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,7 +33,21 @@ struct Args {
     keyspace: u64,
     #[arg(long, default_value = "bench:guard")]
     prefix: String,
+    /// Measure the unguarded script instead of the guard.
+    #[arg(long)]
+    script_floor: bool,
 }
+
+/// KEYS: value keys; ARGV: their values. No version is read or written.
+const FLOOR_SCRIPT: &str = r#"
+local kv = {}
+for i = 1, #KEYS do
+  kv[2 * i - 1] = KEYS[i]
+  kv[2 * i] = ARGV[i]
+end
+redis.call('MSET', unpack(kv))
+return #KEYS
+"#;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -38,21 +57,25 @@ async fn main() -> anyhow::Result<()> {
     let value = vec![b'x'; args.value_size];
     let version = Arc::new(AtomicU64::new(1));
     let remaining = Arc::new(AtomicU64::new(args.writes));
+    let floor = redis::Script::new(FLOOR_SCRIPT);
     let mut conn = client.get_multiplexed_async_connection().await?;
     guard.load(&mut conn).await?;
+    floor.prepare_invoke().load_async(&mut conn).await?;
 
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
         // One connection per client, as redis-benchmark does.
         let mut conn = client.get_multiplexed_async_connection().await?;
-        let (guard, value, version, remaining) = (
+        let (guard, floor, value, version, remaining) = (
             guard.clone(),
+            floor.clone(),
             value.clone(),
             version.clone(),
             remaining.clone(),
         );
         let (batch, keyspace, prefix) = (args.batch as u64, args.keyspace, args.prefix.clone());
+        let script_floor = args.script_floor;
         tasks.push(tokio::spawn(async move {
             let mut writes = Vec::with_capacity(batch as usize);
             loop {
@@ -75,7 +98,18 @@ async fn main() -> anyhow::Result<()> {
                         Some(Version::new(v)),
                     ));
                 }
-                guard.apply_batch(&mut conn, &writes).await?;
+                if script_floor {
+                    let mut call = floor.prepare_invoke();
+                    for write in &writes {
+                        call.key(&write.key);
+                    }
+                    for _ in &writes {
+                        call.arg(value.as_slice());
+                    }
+                    let _: i64 = call.invoke_async(&mut conn).await?;
+                } else {
+                    guard.apply_batch(&mut conn, &writes).await?;
+                }
             }
         }));
     }
@@ -83,6 +117,11 @@ async fn main() -> anyhow::Result<()> {
         task.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!("guarded_writes_per_sec={:.0}", args.writes as f64 / elapsed);
+    let name = if args.script_floor {
+        "script_floor"
+    } else {
+        "guarded"
+    };
+    println!("{name}_writes_per_sec={:.0}", args.writes as f64 / elapsed);
     Ok(())
 }
