@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::de::DeserializeOwned;
 
-use crate::config::{self, ServiceSpec, ShutdownConfig, TelemetryConfig, Validate};
+use crate::config::{self, RuntimeConfig, ServiceSpec, ShutdownConfig, TelemetryConfig, Validate};
 use crate::shutdown::{os_signal, Shutdown};
 
 /// Exit code when the grace period ran out before in-flight work finished.
@@ -21,6 +21,8 @@ pub trait ServiceConfig: DeserializeOwned + Validate {
     fn telemetry(&self) -> &TelemetryConfig;
     /// Shutdown settings.
     fn shutdown(&self) -> &ShutdownConfig;
+    /// Async runtime settings.
+    fn runtime(&self) -> &RuntimeConfig;
 }
 
 #[derive(Debug, Parser)]
@@ -60,10 +62,11 @@ where
     crate::telemetry::init(config.telemetry().log_format);
     let grace = config.shutdown().grace_period();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.runtime().worker_threads(spec) {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the async runtime.");
@@ -154,6 +157,7 @@ mod tests {
         name: "test",
         default_metrics_port: 1,
         short_env: &[ShortEnv::RedisUrl],
+        default_worker_threads: 0,
     };
 
     #[tokio::test(start_paused = true)]

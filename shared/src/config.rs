@@ -38,6 +38,8 @@ pub struct ServiceSpec {
     pub default_metrics_port: u16,
     /// Which fleet-wide short env names this service takes.
     pub short_env: &'static [ShortEnv],
+    /// Worker threads when `runtime.worker_threads` is not set; 0 means one per CPU core.
+    pub default_worker_threads: usize,
 }
 
 impl ServiceSpec {
@@ -421,6 +423,23 @@ impl ShutdownConfig {
     }
 }
 
+/// The async runtime (`[runtime]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the service's tasks; 0 means one per CPU core. Unset, the service's
+    /// own default applies (see `docs/configuration.md`).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start, given the service's default; `None` means one per core.
+    pub fn worker_threads(&self, spec: &ServiceSpec) -> Option<usize> {
+        Some(self.worker_threads.unwrap_or(spec.default_worker_threads)).filter(|&n| n > 0)
+    }
+}
+
 /// How long the version guard remembers deletes (`[version_guard]`, for the consumers).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -474,6 +493,8 @@ mod tests {
         telemetry: TelemetryConfig,
         #[serde(default)]
         shutdown: ShutdownConfig,
+        #[serde(default)]
+        runtime: RuntimeConfig,
         #[serde(default = "five")]
         batch_size: usize,
     }
@@ -493,6 +514,7 @@ mod tests {
         name: "test-svc",
         default_metrics_port: 9999,
         short_env: &[ShortEnv::RedisUrl, ShortEnv::KafkaBrokers],
+        default_worker_threads: 1,
     };
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -514,6 +536,18 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.batch_size, 5);
         assert_eq!(c.telemetry.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn worker_threads_fall_back_to_the_service_default_and_zero_means_per_core() {
+        let c = load_env(&[]).unwrap();
+        assert_eq!(c.runtime.worker_threads(&SPEC), Some(1));
+        let c = load_env(&[("TEST_SVC__RUNTIME__WORKER_THREADS", "3")]).unwrap();
+        assert_eq!(c.runtime.worker_threads(&SPEC), Some(3));
+        let c = load_env(&[("TEST_SVC__RUNTIME__WORKER_THREADS", "0")]).unwrap();
+        assert_eq!(c.runtime.worker_threads(&SPEC), None);
+        let e = load_env(&[("TEST_SVC__RUNTIME__WORKER_THREADS", "-1")]).unwrap_err();
+        assert!(e.to_string().contains("`runtime.worker_threads`"), "{e}");
     }
 
     #[test]

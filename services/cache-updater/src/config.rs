@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use fleet::app::ServiceConfig;
 pub use fleet::config::GuardConfig;
 use fleet::config::{
-    AmqpConfig, ConfigError, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
+    AmqpConfig, ConfigError, RedisConfig, RuntimeConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
 use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
@@ -41,6 +41,9 @@ pub struct CacheUpdaterConfig {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Worker threads.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 /// What is declared on the broker besides the queues themselves.
@@ -321,5 +324,9 @@ impl ServiceConfig for CacheUpdaterConfig {
 
     fn shutdown(&self) -> &ShutdownConfig {
         &self.shutdown
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
     }
 }

@@ -28,6 +28,9 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     name: "cache-updater",
     default_metrics_port: 9101,
     short_env: &[ShortEnv::RedisUrl, ShortEnv::AmqpUrl],
+    // One thread measured fastest: the consumer, shard writers and ack trackers hand work to
+    // each other for every message, and across threads each hand-off costs a wake-up.
+    default_worker_threads: 1,
 };
 
 /// Why the service stopped with an error.

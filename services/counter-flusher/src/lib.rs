@@ -14,6 +14,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     name: "counter-flusher",
     default_metrics_port: 9104,
     short_env: &[ShortEnv::RedisUrl, ShortEnv::KafkaBrokers],
+    default_worker_threads: 0,
 };
 
 /// Why the service stopped with an error.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleet::app::ServiceConfig;
 pub use fleet::config::GuardConfig;
 use fleet::config::{
-    ConfigError, KafkaConfig, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
+    ConfigError, KafkaConfig, RedisConfig, RuntimeConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
 use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
@@ -40,6 +40,9 @@ pub struct OrderCacherConfig {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Worker threads.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 /// The consumer group and how messages are batched into Redis pipelines.
@@ -277,5 +280,9 @@ impl ServiceConfig for OrderCacherConfig {
 
     fn shutdown(&self) -> &ShutdownConfig {
         &self.shutdown
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
     }
 }

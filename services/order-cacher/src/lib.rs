@@ -22,6 +22,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     name: "order-cacher",
     default_metrics_port: 9102,
     short_env: &[ShortEnv::RedisUrl, ShortEnv::KafkaBrokers],
+    default_worker_threads: 0,
 };
 
 /// Why the service stopped with an error.

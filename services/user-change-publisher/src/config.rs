@@ -2,7 +2,7 @@
 
 use fleet::app::ServiceConfig;
 use fleet::config::{
-    ConfigError, KafkaConfig, RedisConfig, ShutdownConfig, TelemetryConfig, Validate,
+    ConfigError, KafkaConfig, RedisConfig, RuntimeConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
 use serde::Deserialize;
 
@@ -21,6 +21,9 @@ pub struct UserChangePublisherConfig {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Worker threads.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 impl Validate for UserChangePublisherConfig {
@@ -38,5 +41,9 @@ impl ServiceConfig for UserChangePublisherConfig {
 
     fn shutdown(&self) -> &ShutdownConfig {
         &self.shutdown
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
     }
 }
