@@ -18,21 +18,13 @@ NAIVE_N=${NAIVE_N:-20000}
 PREFETCH=${PREFETCH:-2000}
 SHARDS=${SHARDS:-4}
 BATCH=${BATCH:-500}
-DEPS_DIR=${DEPS_DIR:-$PWD/.deps}
-export DEPS_DIR
 PORT=19101
+source bench/lib.sh
 
 scripts/deps up redis rabbitmq >/dev/null
 cargo build --release --quiet -p cache-updater --bin cache-updater --example amqp_bench
 tool=target/release/examples/amqp_bench
-venv=$DEPS_DIR/bench-venv
-[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
-"$venv/bin/python" -c 'import pika, redis' 2>/dev/null || "$venv/bin/pip" install -q pika redis
-py=$venv/bin/python
-
-service_pid=
-stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
-trap stop_service EXIT
+bench_python
 
 # start_service <queue>: runs cache-updater in the background on $PORT, consuming <queue>
 start_service() {
@@ -48,9 +40,7 @@ batch_size = $BATCH
 [[queues]]
 name = "$1"
 TOML
-  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn target/release/cache-updater --config "$tmp/config.toml" \
-    2>>"$tmp/service.log" &
-  service_pid=$!
+  launch_service cache-updater "$tmp/config.toml"
 }
 
 delete_amqp() { "$tool" delete "$@" >/dev/null 2>&1 || true; }
@@ -78,7 +68,7 @@ for round in $(seq 1 "$ROUNDS"); do
   start_service "$q"
   out=$("$tool" drain --metrics "http://127.0.0.1:$PORT/metrics" --family cache_updater_messages_total --count "$N")
   service+=("${out#msgs_per_sec=}")
-  rss+=("$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")")
+  rss+=("$(peak_rss_mib)")
   stop_service
   delete_amqp "$q" "$q.dlq" "$q.dlx"
 
@@ -92,7 +82,6 @@ redis-cli -n 14 flushdb >/dev/null
 redis-cli -n 0 --scan --pattern 'bench:product:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
 redis-cli -n 0 --scan --pattern '__ver:{bench:product:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
 
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 b=$(median "${bare[@]}"); b1=$(median "${bare1[@]}"); s=$(median "${service[@]}"); n=$(median "${naive[@]}"); r=$(median "${rss[@]}")
 echo
 echo "N=$N naive_N=$NAIVE_N prefetch=$PREFETCH shards=$SHARDS batch=$BATCH rounds=$ROUNDS value_size=300"

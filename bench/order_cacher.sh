@@ -17,16 +17,11 @@ BATCH=${BATCH:-500}
 LATENCY_SECS=${LATENCY_SECS:-20}
 TIMESTAMPS=${TIMESTAMPS:-}  # --log-append-time: the broker stamps messages, so producer queueing is not counted
 PORT=19102
+source bench/lib.sh
 
 scripts/deps up redis kafka >/dev/null
 cargo build --release --quiet -p order-cacher
-venv=.deps/bench-venv
-[[ -x $venv/bin/python ]] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q kafka-python redis confluent-kafka; }
-py=$venv/bin/python
-
-service_pid=
-stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
-trap stop_service EXIT
+bench_python
 
 # start_service <topic> <group>: runs order-cacher in the background on $PORT
 start_service() {
@@ -39,9 +34,7 @@ name = "$1"
 key_template = "bench:order:{order_id}"
 version_field = "version"
 TOML
-  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn target/release/order-cacher --config "$tmp/config.toml" \
-    2>>"$tmp/service.log" &
-  service_pid=$!
+  launch_service order-cacher "$tmp/config.toml"
 }
 
 tmp=$(mktemp -d)
@@ -60,7 +53,7 @@ for round in $(seq 1 "$ROUNDS"); do
   out=$("$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" \
           --family order_cacher_messages_total --count "$N")
   service+=("${out#msgs_per_sec=}")
-  rss+=("$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")")
+  rss+=("$(peak_rss_mib)")
   stop_service
 
   out=$("$py" bench/naive_order_consumer.py --topic "$topic" --count "$NAIVE_N" --group "naive-$run-$round")
@@ -81,12 +74,11 @@ bare_latency=$(cat "$tmp/bare")
 "$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_messages_total --count $((10000 * LATENCY_SECS + 1)) >/dev/null
 latency=$("$py" bench/kafka_load.py p99 --metrics "http://127.0.0.1:$PORT/metrics" --family order_cacher_event_to_cache_lag_seconds)
 [[ -n ${SHOW_BUCKETS:-} ]] && curl -s "http://127.0.0.1:$PORT/metrics" | grep event_to_cache_lag_seconds_bucket
-latency_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status")
+latency_rss=$(peak_rss_mib)
 stop_service
 redis-cli -n 15 flushdb >/dev/null; redis-cli -n 14 flushdb >/dev/null; redis-cli -n 0 --scan --pattern 'bench:order:*' | xargs -r -n 1000 redis-cli -n 0 del >/dev/null
 
 if (( ROUNDS > 0 )); then
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 c=$(median "${ceiling[@]}"); s=$(median "${service[@]}"); n=$(median "${naive[@]}"); r=$(median "${rss[@]}")
 echo
 echo "N=$N naive_N=$NAIVE_N batch=$BATCH rounds=$ROUNDS value_size=300 partitions=3"

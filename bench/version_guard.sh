@@ -15,6 +15,7 @@ VALUE_SIZE=${VALUE_SIZE:-300}
 WRITES=${WRITES:-1000000}
 KEYSPACE=${KEYSPACE:-100000}
 DB=15  # a database of its own, flushed between runs
+source bench/lib.sh
 
 scripts/deps up redis >/dev/null
 cargo build --release --quiet -p fleet --example guard_bench
@@ -39,7 +40,6 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 cli FLUSHDB >/dev/null
 
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 c=$(median "${ceiling[@]}"); f=$(median "${floor[@]}"); g=$(median "${guarded[@]}")
 echo
 echo "batch=$BATCH clients=$CLIENTS value_size=$VALUE_SIZE writes=$WRITES keyspace=$KEYSPACE rounds=$ROUNDS"

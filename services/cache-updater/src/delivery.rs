@@ -123,13 +123,7 @@ impl Delivery {
     /// queue's own dead-lettering takes it to the same place.
     pub async fn dead_letter(&self, failure: &Failure) {
         let link = &self.link;
-        tracing::warn!(
-            queue = %link.queue,
-            reason = failure.reason(),
-            error = %failure.describe(),
-            deliveries = self.deliveries,
-            "Message dead-lettered."
-        );
+        self.warn(failure, "Message dead-lettered.");
         link.metrics
             .dead_letters
             .with_label_values(&[failure.reason()])
@@ -149,13 +143,9 @@ impl Delivery {
     /// Puts the message back at the end of its queue with its delivery count, then acks it.
     /// Falls back to a requeue when the broker does not confirm the copy.
     pub async fn retry(&self, failure: &Failure) {
-        let link = &self.link;
-        tracing::warn!(
-            queue = %link.queue,
-            reason = failure.reason(),
-            error = %failure.describe(),
-            deliveries = self.deliveries,
-            "Message write failed; putting it back on its queue."
+        self.warn(
+            failure,
+            "Message write failed; putting it back on its queue.",
         );
         let mut headers = self.headers();
         headers.insert(
@@ -163,6 +153,16 @@ impl Delivery {
             AMQPValue::LongLongInt(i64::from(self.deliveries)),
         );
         self.copy_then_ack("", headers, Settlement::Requeue).await;
+    }
+
+    fn warn(&self, failure: &Failure, message: &str) {
+        tracing::warn!(
+            queue = %self.link.queue,
+            reason = failure.reason(),
+            error = %failure.describe(),
+            deliveries = self.deliveries,
+            "{message}"
+        );
     }
 
     fn headers(&self) -> FieldTable {

@@ -1,0 +1,29 @@
+# Shared by the bench/*.sh scripts: source it after `cd` to the repository root.
+
+DEPS_DIR=${DEPS_DIR:-$PWD/.deps}
+export DEPS_DIR
+
+# median <numbers...>: the middle value (the mean of the two middle ones, rounded down).
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+
+# bench_python: creates the load generators' venv when missing and sets $py to its python.
+bench_python() {
+  local venv=$DEPS_DIR/bench-venv
+  [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+  "$venv/bin/python" -c 'import confluent_kafka, kafka, pika, redis' 2>/dev/null \
+    || "$venv/bin/pip" install -q confluent-kafka kafka-python pika redis
+  py=$venv/bin/python
+}
+
+# launch_service <binary> <config file>: runs a release service in the background on $PORT,
+# logging to $tmp/service.log; stop_service (also run on exit) stops it.
+service_pid=
+launch_service() {
+  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn "target/release/$1" --config "$2" 2>>"$tmp/service.log" &
+  service_pid=$!
+}
+stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
+trap stop_service EXIT
+
+# peak_rss_mib: the running service's peak resident memory.
+peak_rss_mib() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status"; }
