@@ -1,66 +1,169 @@
--- Version-guarded cache writes, atomic on the server.
+-- Version check of one batch of guarded writes; the first step of the guard's transaction.
 --
--- KEYS[1..n]: value keys, all distinct; KEYS[n+1..2n]: their version keys. A version key
---   shares its value key's hash slot, so a call stays on one Redis Cluster node when its
---   entries share a slot. Writes to one key that must apply in order go in successive calls.
+-- The transaction (MULTI ... EXEC, so nothing else runs in between) is:
+--   1. this script: compares versions, writes versions, applies deletes;
+--   2. native writes of every upsert's value (MSET, SET PX), whatever this script decided:
+--      values never pass through Lua, which is what makes the guard fast;
+--   3. version_guard_restore.lua: puts back the keys of upserts that must not apply.
+-- Before step 2 this script moves such keys aside (RENAME to __vkeep:...), or notes that
+-- they did not exist, in a stash list that step 3 reads. A refusal (corrupt version state)
+-- moves aside every upsert key, so a refused batch changes nothing.
+--
+-- KEYS[1..n]: value keys, all distinct, grouped by version bucket.
+-- KEYS[n+1..n+b]: the version buckets (hashes: field = value key, value = "<version>").
+-- KEYS[n+b+1]: the stash list.
 -- ARGV[1]: tombstone TTL in milliseconds ("0" keeps tombstones forever).
 -- ARGV[2]: one character per entry: "u" upsert, "t" upsert with a TTL, "d" delete.
--- ARGV[3..n+2]: versions (decimal, no leading zeros).
--- ARGV[n+3..2n+2]: values ("" for deletes).
--- ARGV[2n+3..]: TTLs in milliseconds, one per "t" entry, in order.
+-- ARGV[3..b+2]: how many consecutive value keys belong to each bucket.
+-- ARGV[b+3..b+n+2]: versions (decimal, no leading zeros).
+-- ARGV[b+n+3..]: TTLs in milliseconds, one per "t" entry, in order.
 -- Returns one character per entry: A applied, S stale (older), D duplicate (same version).
 --
--- A version key holds "<version>" for a live entry and "<version>:deleted" for a tombstone.
--- Versions compare by length, then byte by byte: exact for the whole u64 range.
-local n = #KEYS / 2
-local tombstone_ttl = tonumber(ARGV[1])
+-- Where a version lives: a live entry without expiry has a field in its bucket; a tombstone
+-- or an entry with a TTL has a version key (__ver:{K}) that expires, holding "<version>" or
+-- "<version>:deleted". A present field is the newest state: a version key is only written
+-- together with removing the field. Versions compare by length, then byte by byte: exact
+-- for the whole u64 range.
 local ops = ARGV[2]
-local stored = redis.call('MGET', unpack(KEYS, n + 1, 2 * n))
+local n = #ops
+local nb = #KEYS - n - 1
+local stash = KEYS[#KEYS]
+local tombstone_ttl = tonumber(ARGV[1])
+local first_version = nb + 3
 
-local out = {}
-local mset = {}
-local m = 0
-local deletes = {}
-local ttl_index = 2 * n + 2
+-- The name sharing key's cluster slot: key's own hash tag, or the whole key as the tag.
+local function tagged(prefix, key)
+  local open = string.find(key, '{', 1, true)
+  if open then
+    local close = string.find(key, '}', open + 1, true)
+    if close and close > open + 1 then return prefix .. key end
+  end
+  return prefix .. '{' .. key .. '}'
+end
+
+local moved = {}
+local function move_aside(i)
+  local key = KEYS[i]
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('RENAME', key, tagged('__vkeep:', key))
+    moved[#moved + 1] = key
+    moved[#moved + 1] = 'r'
+  else
+    moved[#moved + 1] = key
+    moved[#moved + 1] = 'd'
+  end
+end
+local function finish_moves()
+  if #moved > 0 then redis.call('RPUSH', stash, unpack(moved)) end
+end
+local function refuse(why)
+  for i = 1, n do
+    if string.byte(ops, i) ~= 100 then move_aside(i) end
+  end
+  finish_moves()
+  return redis.error_reply('ERR version guard refused the batch: ' .. why)
+end
+
+-- Read every entry's state: its bucket field, else its version key.
+local state, bucket_of, in_field = {}, {}, {}
+local first = 1
+for b = 1, nb do
+  local count = tonumber(ARGV[2 + b])
+  local got = redis.pcall('HMGET', KEYS[n + b], unpack(KEYS, first, first + count - 1))
+  if got.err then return refuse(KEYS[n + b] .. ': ' .. got.err) end
+  for j = 1, count do
+    local i = first + j - 1
+    bucket_of[i] = b
+    if got[j] then
+      state[i] = got[j]
+      in_field[i] = true
+    end
+  end
+  first = first + count
+end
+local version_keys, from_key = {}, {}
+for i = 1, n do
+  if not state[i] then
+    from_key[#from_key + 1] = i
+    version_keys[#version_keys + 1] = tagged('__ver:', KEYS[i])
+  end
+end
+local vk = {}
+if #from_key > 0 then
+  -- MGET never fails on a wrong type, so a stray key cannot fail the script here.
+  local got = redis.call('MGET', unpack(version_keys))
+  for j = 1, #from_key do
+    local i = from_key[j]
+    vk[i] = version_keys[j]
+    if got[j] then state[i] = got[j] end
+  end
+end
+
+-- Decide, with no side effect until every entry is known to be sound.
+local out, keep_out = {}, {}
+local set_fields, del_fields = {}, {}
+local deletes, stale_version_keys = {}, {}
+-- {version key, value, ttl in ms or 0 for none}
+local version_writes = {}
+local ttl_index = first_version + n - 1
 for i = 1, n do
   local op = string.byte(ops, i)
-  if op == 116 then ttl_index = ttl_index + 1 end  -- 't'
-  local cur = stored[i]
-  if cur and string.byte(cur, -1) == 100 then  -- a tombstone ends in "deleted"
-    cur = string.sub(cur, 1, string.find(cur, ':', 1, true) - 1)
+  local ttl
+  -- 116 't', 117 'u', 100 'd'
+  if op == 116 then
+    ttl_index = ttl_index + 1
+    ttl = tonumber(ARGV[ttl_index])
   end
-  local v = ARGV[2 + i]
+  local cur = state[i]
+  if cur then
+    cur = string.match(cur, '^(%d+)$') or string.match(cur, '^(%d+):deleted$')
+    if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
+  end
+  local v = ARGV[first_version + i - 1]
   if cur and (#v < #cur or (#v == #cur and v <= cur)) then
     out[i] = (v == cur) and 'D' or 'S'
+    if op ~= 100 then keep_out[#keep_out + 1] = i end
   else
     out[i] = 'A'
-    local key, vk = KEYS[i], KEYS[n + i]
-    if op == 117 then  -- 'u': plain upserts share one MSET
-      mset[m + 1] = key
-      mset[m + 2] = ARGV[n + 2 + i]
-      mset[m + 3] = vk
-      mset[m + 4] = v
-      m = m + 4
-    elseif op == 116 then
-      local ttl = tonumber(ARGV[ttl_index])
-      redis.call('SET', key, ARGV[n + 2 + i], 'PX', ttl)
-      -- The version outlives an expiring value by the tombstone TTL, so a late older
-      -- message cannot bring back data older than what just expired.
-      if tombstone_ttl == 0 then
-        redis.call('SET', vk, v)
-      else
-        redis.call('SET', vk, v, 'PX', math.max(ttl, tombstone_ttl))
-      end
+    local key, b = KEYS[i], bucket_of[i]
+    -- An upsert's version goes to the bucket, and any version key goes away.
+    if op == 117 then
+      local f = set_fields[b]
+      if not f then f = {}; set_fields[b] = f end
+      f[#f + 1] = key
+      f[#f + 1] = v
+      if vk[i] and state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
     else
-      deletes[#deletes + 1] = key
-      if tombstone_ttl == 0 then
-        redis.call('SET', vk, v .. ':deleted')
+      if in_field[i] then
+        local f = del_fields[b]
+        if not f then f = {}; del_fields[b] = f end
+        f[#f + 1] = key
+      end
+      local name = vk[i] or tagged('__ver:', key)
+      if op == 116 then
+        -- The version outlives an expiring value by the tombstone TTL, so a late older
+        -- message cannot bring back data older than what just expired.
+        local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
+        version_writes[#version_writes + 1] = {name, v, keep}
       else
-        redis.call('SET', vk, v .. ':deleted', 'PX', tombstone_ttl)
+        deletes[#deletes + 1] = key
+        version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
       end
     end
   end
 end
-if m > 0 then redis.call('MSET', unpack(mset)) end
+
+for _, i in ipairs(keep_out) do move_aside(i) end
+finish_moves()
+for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f)) end
+for b, f in pairs(del_fields) do redis.call('HDEL', KEYS[n + b], unpack(f)) end
+if #stale_version_keys > 0 then redis.call('DEL', unpack(stale_version_keys)) end
 if #deletes > 0 then redis.call('DEL', unpack(deletes)) end
+for _, w in ipairs(version_writes) do
+  if w[3] == 0 then
+    redis.call('SET', w[1], w[2])
+  else
+    redis.call('SET', w[1], w[2], 'PX', w[3])
+  end
+end
 return table.concat(out)

@@ -1,25 +1,44 @@
 //! Version-guarded cache writes: a late, duplicated or reordered change never makes the
 //! cache stale.
 //!
-//! For a value key `K` the guard keeps a version key next to it (see [`version_key`]):
-//! `"<version>"` while `K` is live, `"<version>:deleted"` as a tombstone after a delete.
-//! Readers keep doing a plain `GET K`. A server-side Lua script compares the incoming version
-//! with the stored one and writes only when it is newer, so the check and the write are one
-//! atomic step. Writes without a version are plain last-writer-wins `SET`/`DEL` and neither
-//! read nor change the version key.
+//! Readers keep doing a plain `GET K`. Each batch of versioned writes is one Redis transaction
+//! (`MULTI`/`EXEC`): a Lua script compares the incoming versions with the stored ones and
+//! writes the new versions, the values follow as native `MSET`/`SET` commands, and a second
+//! script puts back the keys whose upsert must not apply. Values never pass through Lua,
+//! which keeps the guard close to plain `SET` throughput; see `version_guard.lua`.
+//!
+//! Where a version lives (see [`VersionGuard::bucket_key`] and [`version_key`]):
+//! - a live entry without expiry: a field in one of a few hashes, its *version bucket*;
+//! - a tombstone, or an entry with a TTL: a version key next to the value key, which expires.
+//!
+//! Writes without a version are plain last-writer-wins `SET`/`DEL` and neither read nor
+//! change any version.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, Value};
+use redis::{Cmd, Pipeline, RedisError, Value};
 
 use crate::version::Version;
 
-const SCRIPT: &str = include_str!("version_guard.lua");
+/// The version check and version writes, step 1 of a guarded transaction.
+static CHECK_SCRIPT: LazyLock<String> =
+    LazyLock::new(|| without_comments(include_str!("version_guard.lua")));
+/// Puts back the keys of upserts that must not apply, step 3 of a guarded transaction.
+static RESTORE_SCRIPT: LazyLock<String> =
+    LazyLock::new(|| without_comments(include_str!("version_guard_restore.lua")));
 
-/// Prefix of version keys.
+/// Prefix of version keys (tombstones and versions of expiring entries).
 pub const VERSION_KEY_PREFIX: &str = "__ver:";
+/// Prefix of version buckets (versions of live entries without expiry).
+pub const BUCKET_PREFIX: &str = "__vb:";
+const STASH_PREFIX: &str = "__vstash:";
+
+/// Version buckets on a single server. In cluster mode each slot has its own bucket.
+pub const SINGLE_SERVER_BUCKETS: u16 = 16;
+const CLUSTER_SLOTS: u16 = 16384;
 
 /// Entries per script call: keeps each call short on the server and within Lua's stack.
 pub const DEFAULT_ENTRIES_PER_CALL: usize = 500;
@@ -47,7 +66,40 @@ fn hash_tag(key: &str) -> Option<&str> {
 /// The Redis Cluster slot of a key.
 pub fn cluster_slot(key: &str) -> u16 {
     let hashed = hash_tag(key).unwrap_or(key);
-    crc16::State::<crc16::XMODEM>::calculate(hashed.as_bytes()) % 16384
+    crc16::State::<crc16::XMODEM>::calculate(hashed.as_bytes()) % CLUSTER_SLOTS
+}
+
+/// A short hash tag that Redis Cluster maps to `slot`: names of buckets and stash lists
+/// carry it so they share the slot of the value keys they serve.
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); CLUSTER_SLOTS.into()];
+        let mut missing = tags.len();
+        let mut candidate = 0u64;
+        while missing > 0 {
+            let tag = format!("{candidate:x}");
+            let slot = usize::from(cluster_slot(&tag));
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            candidate += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot)]
+}
+
+fn without_comments(script: &str) -> String {
+    // The script travels with every call (EVAL, never a missing EVALSHA inside a
+    // transaction), so only its code is sent, and the server hashes less of it.
+    script
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What a write does.
@@ -148,25 +200,40 @@ impl GuardError {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
-                    || matches!(
-                        e.kind(),
-                        ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
-                            | ErrorKind::Server(redis::ServerErrorKind::TryAgain)
-                            | ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
-                            | ErrorKind::Server(redis::ServerErrorKind::MasterDown)
-                            | ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                    )
-                    || e.code() == Some("OOM")
+                    || server_error_codes(e).iter().any(|code| {
+                        // Loading, failing over, out of memory or busy with a script: the
+                        // same write succeeds later.
+                        matches!(
+                            code.as_str(),
+                            "LOADING"
+                                | "TRYAGAIN"
+                                | "CLUSTERDOWN"
+                                | "MASTERDOWN"
+                                | "READONLY"
+                                | "OOM"
+                                | "BUSY"
+                                | "NOREPLICAS"
+                        )
+                    })
             }
             GuardError::UnexpectedReply(_) => false,
         }
     }
 }
 
+/// The codes of the server errors in `e`, including those inside a failed pipeline or an
+/// aborted transaction.
+fn server_error_codes(e: &RedisError) -> Vec<String> {
+    let mut codes: Vec<String> = e.code().map(str::to_owned).into_iter().collect();
+    if let Some(errors) = e.clone().into_server_errors() {
+        codes.extend(errors.iter().map(|(_, error)| error.code().to_owned()));
+    }
+    codes
+}
+
 /// Applies [`CacheWrite`]s with the version check.
 #[derive(Debug, Clone)]
 pub struct VersionGuard {
-    script: redis::Script,
     tombstone_ttl: Duration,
     entries_per_call: usize,
     cluster: bool,
@@ -178,7 +245,6 @@ impl VersionGuard {
     /// A delete is protected from a late older upsert for as long as its tombstone lives.
     pub fn new(tombstone_ttl: Duration) -> Self {
         Self {
-            script: redis::Script::new(SCRIPT),
             tombstone_ttl,
             entries_per_call: DEFAULT_ENTRIES_PER_CALL,
             cluster: false,
@@ -191,17 +257,65 @@ impl VersionGuard {
         self
     }
 
-    /// Groups each script call's entries by Redis Cluster hash slot, so every call touches
-    /// only keys of one slot. Off for a single server, where larger calls are faster.
+    /// Cluster mode: every script call and transaction touches keys of one hash slot, and
+    /// each slot has its own version bucket. Off for a single server, where few buckets and
+    /// one transaction per batch are faster.
+    ///
+    /// The bucket layout differs between the modes, so a dataset moves between a single
+    /// server and a cluster only together with its versions re-written (or flushed).
     pub fn with_cluster_slots(mut self, cluster: bool) -> Self {
         self.cluster = cluster;
         self
     }
 
-    /// Loads the script into the server's script cache, so later calls send only its hash.
+    /// Compiles both scripts on the server: a server that cannot run them fails at start-up
+    /// rather than on the first write. Calls send the scripts themselves, so a lost script
+    /// cache (restart, failover, `SCRIPT FLUSH`) never fails a write.
     pub async fn load<C: ConnectionLike>(&self, conn: &mut C) -> Result<(), GuardError> {
-        self.script.prepare_invoke().load_async(conn).await?;
+        for script in [CHECK_SCRIPT.as_str(), RESTORE_SCRIPT.as_str()] {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script)
+                .query_async::<String>(conn)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// The version bucket (a hash) holding the version of `key` while `key` is live without
+    /// expiry.
+    pub fn bucket_key(&self, key: &str) -> String {
+        format!("{BUCKET_PREFIX}{{{}}}", slot_tag(self.bucket_slot(key)))
+    }
+
+    fn bucket_slot(&self, key: &str) -> u16 {
+        let buckets = if self.cluster {
+            CLUSTER_SLOTS
+        } else {
+            SINGLE_SERVER_BUCKETS
+        };
+        cluster_slot(key) % buckets
+    }
+
+    /// The version state stored for `key`: `"<version>"`, `"<version>:deleted"` for a
+    /// tombstone, or `None` if the guard has never seen the key (or its state expired).
+    pub async fn stored_state<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        key: &str,
+    ) -> Result<Option<String>, GuardError> {
+        let field: Option<String> = redis::cmd("HGET")
+            .arg(self.bucket_key(key))
+            .arg(key)
+            .query_async(conn)
+            .await?;
+        if field.is_some() {
+            return Ok(field);
+        }
+        Ok(redis::cmd("GET")
+            .arg(version_key(key))
+            .query_async(conn)
+            .await?)
     }
 
     /// Writes `value` at `key` only if `version` is newer than the stored version.
@@ -228,61 +342,41 @@ impl VersionGuard {
         Ok(self.apply_batch(conn, std::slice::from_ref(&write)).await?[0])
     }
 
-    /// Applies many writes in one pipelined round trip and reports each one's outcome, in
-    /// input order. Writes to the same key take effect in input order.
+    /// Applies many writes in one round trip and one transaction (one per hash slot in
+    /// cluster mode) and reports each one's outcome, in input order. Writes to the same key
+    /// take effect in input order.
+    ///
+    /// On an error nothing of a failed transaction took effect, except in the rare case
+    /// where Redis ran it and the connection broke before the reply: retrying is safe either
+    /// way, because guarded writes are idempotent.
     pub async fn apply_batch<C: ConnectionLike>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
     ) -> Result<Vec<WriteOutcome>, GuardError> {
+        let mut outcomes = vec![WriteOutcome::Applied; writes.len()];
         if writes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(outcomes);
         }
         let plan = self.plan(writes);
-        let pipe = self.pipeline(writes, &plan);
-        let replies: Vec<Value> = match pipe.query_async(conn).await {
-            Ok(replies) => replies,
-            Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // The server lost its script cache (restart, failover, SCRIPT FLUSH). No call
-                // ran, and every write is idempotent, so load the script and send it all again.
-                self.load(conn).await?;
-                pipe.query_async(conn).await?
-            }
-            Err(e) => return Err(e.into()),
+        let transactions: Vec<&[Call]> = if self.cluster {
+            plan.chunks(1).collect()
+        } else {
+            vec![&plan[..]]
         };
-        if replies.len() != plan.len() {
-            return Err(GuardError::UnexpectedReply(format!(
-                "{} replies for {} commands",
-                replies.len(),
-                plan.len()
-            )));
-        }
-        let mut outcomes = vec![WriteOutcome::Applied; writes.len()];
-        for (call, reply) in plan.iter().zip(replies) {
-            if let Call::Guarded(indices) = call {
-                let codes = match reply {
-                    Value::BulkString(bytes) => bytes,
-                    Value::SimpleString(s) => s.into_bytes(),
-                    other => return Err(GuardError::UnexpectedReply(format!("{other:?}"))),
-                };
-                if codes.len() != indices.len() {
-                    return Err(GuardError::UnexpectedReply(format!(
-                        "{} outcomes for {} entries",
-                        codes.len(),
-                        indices.len()
-                    )));
-                }
-                for (&index, code) in indices.iter().zip(codes) {
-                    outcomes[index] = match code {
-                        b'A' => WriteOutcome::Applied,
-                        b'S' => WriteOutcome::Stale,
-                        b'D' => WriteOutcome::Duplicate,
-                        other => {
-                            return Err(GuardError::UnexpectedReply(format!(
-                                "outcome code {other}"
-                            )))
-                        }
-                    };
+        for calls in transactions {
+            let (pipe, replies_wanted) = self.transaction(writes, calls);
+            let replies: Vec<Value> = pipe.query_async(conn).await?;
+            if replies.len() != replies_wanted.len() {
+                return Err(GuardError::UnexpectedReply(format!(
+                    "{} replies for {} commands",
+                    replies.len(),
+                    replies_wanted.len()
+                )));
+            }
+            for (wanted, reply) in replies_wanted.iter().zip(replies) {
+                if let Some(indices) = wanted {
+                    record_outcomes(indices, reply, &mut outcomes)?;
                 }
             }
         }
@@ -329,8 +423,8 @@ impl VersionGuard {
     }
 
     /// Cuts a run into script calls of at most `entries_per_call` distinct keys. A key seen
-    /// again starts the next call: calls run in pipeline order, so its writes keep their order
-    /// and the script needs no per-key bookkeeping.
+    /// again starts the next call: calls run in order, so its writes keep their order and
+    /// the script needs no per-key bookkeeping.
     fn split_into_calls(&self, writes: &[CacheWrite], run: &[usize], calls: &mut Vec<Call>) {
         let mut call: Vec<usize> = Vec::with_capacity(run.len().min(self.entries_per_call));
         let mut keys: HashSet<&str> = HashSet::with_capacity(call.capacity());
@@ -348,64 +442,173 @@ impl VersionGuard {
         }
     }
 
-    fn pipeline(&self, writes: &[CacheWrite], plan: &[Call]) -> Pipeline {
+    /// One transaction for `calls`. Returns, per command, the entries whose outcomes its
+    /// reply carries (script calls), in the order the reply lists them.
+    fn transaction(
+        &self,
+        writes: &[CacheWrite],
+        calls: &[Call],
+    ) -> (Pipeline, Vec<Option<Vec<usize>>>) {
         let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut replies = Vec::new();
         let tombstone_ms = self.tombstone_ttl.as_millis().to_string();
-        for call in plan {
+        for call in calls {
             match call {
-                Call::Plain(index) => pipe.add_command(plain_command(&writes[*index])),
-                Call::Guarded(indices) => {
-                    pipe.add_command(self.script_call(writes, indices, &tombstone_ms))
+                Call::Plain(index) => {
+                    pipe.add_command(plain_command(&writes[*index]));
+                    replies.push(None);
                 }
-            };
+                Call::Guarded(indices) => {
+                    let (check, ordered) = self.check_call(writes, indices, &tombstone_ms);
+                    pipe.add_command(check);
+                    let upserts = value_writes(writes, &ordered);
+                    // The check script names its stash after the first entry of the call.
+                    let ordered_first = ordered[0];
+                    replies.push(Some(ordered));
+                    if !upserts.is_empty() {
+                        replies.extend(upserts.iter().map(|_| None));
+                        for cmd in upserts {
+                            pipe.add_command(cmd);
+                        }
+                        let mut restore = redis::cmd("EVAL");
+                        restore
+                            .arg(RESTORE_SCRIPT.as_str())
+                            .arg(1)
+                            .arg(self.stash_key(&writes[ordered_first].key));
+                        pipe.add_command(restore);
+                        replies.push(None);
+                    }
+                }
+            }
         }
-        pipe
+        (pipe, replies)
     }
-}
 
-impl VersionGuard {
-    /// One EVALSHA in the layout `version_guard.lua` documents: columns, not rows, so the
-    /// script creates as few Lua strings per entry as possible.
-    fn script_call(&self, writes: &[CacheWrite], indices: &[usize], tombstone_ms: &str) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(indices.len() * 2);
+    /// The stash list of a call, in the slot of the call's keys.
+    fn stash_key(&self, key: &str) -> String {
+        format!("{STASH_PREFIX}{{{}}}", slot_tag(self.bucket_slot(key)))
+    }
+
+    /// The check script's call, in the layout `version_guard.lua` documents: entries grouped
+    /// by bucket, columns rather than rows, so the script creates few Lua strings per entry.
+    /// Returns the entries in the order of the call.
+    fn check_call(
+        &self,
+        writes: &[CacheWrite],
+        indices: &[usize],
+        tombstone_ms: &str,
+    ) -> (Cmd, Vec<usize>) {
+        let mut by_bucket: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for &index in indices {
+            by_bucket
+                .entry(self.bucket_slot(&writes[index].key))
+                .or_default()
+                .push(index);
+        }
+        let ordered: Vec<usize> = by_bucket.values().flatten().copied().collect();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CHECK_SCRIPT.as_str())
+            .arg(ordered.len() + by_bucket.len() + 1);
+        for &index in &ordered {
             cmd.arg(&writes[index].key);
         }
-        for &index in indices {
-            cmd.arg(version_key(&writes[index].key));
+        for &slot in by_bucket.keys() {
+            cmd.arg(format!("{BUCKET_PREFIX}{{{}}}", slot_tag(slot)));
         }
-        let mut ops = String::with_capacity(indices.len());
+        cmd.arg(self.stash_key(&writes[ordered[0]].key));
+        let mut ops = String::with_capacity(ordered.len());
         let mut ttls = Vec::new();
-        for &index in indices {
+        for &index in &ordered {
             let write = &writes[index];
             ops.push(match (&write.change, write.ttl) {
                 (Change::Delete, _) => 'd',
                 (Change::Upsert(_), None) => 'u',
                 (Change::Upsert(_), Some(ttl)) => {
-                    ttls.push(ttl.as_millis().max(1) as u64);
+                    ttls.push(ttl_millis(ttl));
                     't'
                 }
             });
         }
         cmd.arg(tombstone_ms).arg(ops);
-        for &index in indices {
+        for group in by_bucket.values() {
+            cmd.arg(group.len());
+        }
+        for &index in &ordered {
             let version = writes[index]
                 .version
                 .expect("guarded calls hold versioned writes");
             cmd.arg(version.get());
         }
-        for &index in indices {
-            match &writes[index].change {
-                Change::Upsert(value) => cmd.arg(value.as_slice()),
-                Change::Delete => cmd.arg(""),
-            };
-        }
         for ttl in ttls {
             cmd.arg(ttl);
         }
-        cmd
+        (cmd, ordered)
     }
+}
+
+/// Every upsert's value, whatever the check decided: one `MSET` for those without expiry,
+/// a `SET .. PX` for each with a TTL.
+fn value_writes(writes: &[CacheWrite], indices: &[usize]) -> Vec<Cmd> {
+    let mut commands = Vec::new();
+    let mut mset = redis::cmd("MSET");
+    let mut plain = 0;
+    for &index in indices {
+        let write = &writes[index];
+        let Change::Upsert(value) = &write.change else {
+            continue;
+        };
+        match write.ttl {
+            None => {
+                mset.arg(&write.key).arg(value.as_slice());
+                plain += 1;
+            }
+            Some(ttl) => {
+                let mut set = redis::cmd("SET");
+                set.arg(&write.key)
+                    .arg(value.as_slice())
+                    .arg("PX")
+                    .arg(ttl_millis(ttl));
+                commands.push(set);
+            }
+        }
+    }
+    if plain > 0 {
+        commands.push(mset);
+    }
+    commands
+}
+
+fn record_outcomes(
+    indices: &[usize],
+    reply: Value,
+    outcomes: &mut [WriteOutcome],
+) -> Result<(), GuardError> {
+    let codes = match reply {
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(s) => s.into_bytes(),
+        other => return Err(GuardError::UnexpectedReply(format!("{other:?}"))),
+    };
+    if codes.len() != indices.len() {
+        return Err(GuardError::UnexpectedReply(format!(
+            "{} outcomes for {} entries",
+            codes.len(),
+            indices.len()
+        )));
+    }
+    for (&index, code) in indices.iter().zip(codes) {
+        outcomes[index] = match code {
+            b'A' => WriteOutcome::Applied,
+            b'S' => WriteOutcome::Stale,
+            b'D' => WriteOutcome::Duplicate,
+            other => return Err(GuardError::UnexpectedReply(format!("outcome code {other}"))),
+        };
+    }
+    Ok(())
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64
 }
 
 fn plain_command(write: &CacheWrite) -> Cmd {
@@ -414,7 +617,7 @@ fn plain_command(write: &CacheWrite) -> Cmd {
             let mut cmd = redis::cmd("SET");
             cmd.arg(&write.key).arg(value.as_slice());
             if let Some(ttl) = write.ttl {
-                cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+                cmd.arg("PX").arg(ttl_millis(ttl));
             }
             cmd
         }
@@ -453,6 +656,30 @@ mod tests {
         }
         assert_eq!(version_key("order:1001"), "__ver:{order:1001}");
         assert_eq!(version_key("user:{42}:p"), "__ver:user:{42}:p");
+    }
+
+    #[test]
+    fn slot_tags_hash_to_their_slot() {
+        for slot in [0, 1, 15, 4242, 16383] {
+            assert_eq!(cluster_slot(slot_tag(slot)), slot);
+        }
+        let guard = VersionGuard::new(Duration::ZERO).with_cluster_slots(true);
+        for key in ["order:1001", "user:{42}:profile", "ü:1"] {
+            assert_eq!(cluster_slot(&guard.bucket_key(key)), cluster_slot(key));
+            assert_eq!(cluster_slot(&guard.stash_key(key)), cluster_slot(key));
+        }
+        let single = VersionGuard::new(Duration::ZERO);
+        let buckets: HashSet<String> = (0..1000)
+            .map(|i| single.bucket_key(&format!("order:{i}")))
+            .collect();
+        assert_eq!(buckets.len(), usize::from(SINGLE_SERVER_BUCKETS));
+    }
+
+    #[test]
+    fn scripts_are_sent_without_comments() {
+        assert!(!CHECK_SCRIPT.contains("--"));
+        assert!(CHECK_SCRIPT.contains("redis.call('HSET'"));
+        assert!(!RESTORE_SCRIPT.contains("--"));
     }
 
     #[test]

@@ -38,8 +38,7 @@ async fn newer_wins_older_and_duplicates_are_dropped() -> anyhow::Result<()> {
     // Readers do a plain GET and see the JSON as written.
     let stored: Vec<u8> = conn.get(&key).await?;
     assert_eq!(stored, v3);
-    let version: String = conn.get(version_key(&key)).await?;
-    assert_eq!(version, "3");
+    assert_eq!(g.stored_state(&mut conn, &key).await?.as_deref(), Some("3"));
     Ok(())
 }
 
@@ -65,7 +64,10 @@ async fn delete_leaves_a_tombstone_that_stops_late_upserts() -> anyhow::Result<(
         WriteOutcome::Stale
     );
     assert_eq!(conn.get::<_, Option<String>>(&key).await?, None);
-    assert_eq!(conn.get::<_, String>(version_key(&key)).await?, "5:deleted");
+    assert_eq!(
+        g.stored_state(&mut conn, &key).await?.as_deref(),
+        Some("5:deleted")
+    );
     let tombstone_ttl: i64 = conn.pttl(version_key(&key)).await?;
     assert!(
         tombstone_ttl > 3_500_000 && tombstone_ttl <= 3_600_000,
@@ -78,10 +80,10 @@ async fn delete_leaves_a_tombstone_that_stops_late_upserts() -> anyhow::Result<(
         WriteOutcome::Applied
     );
     assert_eq!(conn.get::<_, String>(&key).await?, "{\"v\":6}");
-    assert_eq!(
-        conn.pttl::<_, i64>(version_key(&key)).await?,
-        -1,
-        "a live entry's version does not expire"
+    assert_eq!(g.stored_state(&mut conn, &key).await?.as_deref(), Some("6"));
+    assert!(
+        !conn.exists::<_, bool>(version_key(&key)).await?,
+        "a live entry's version moves to its bucket, which does not expire"
     );
     Ok(())
 }
@@ -139,8 +141,9 @@ async fn unversioned_writes_are_last_writer_wins() -> anyhow::Result<()> {
         vec![WriteOutcome::Applied; 2]
     );
     assert_eq!(conn.get::<_, String>(&key).await?, "b");
-    assert!(
-        !conn.exists::<_, bool>(version_key(&key)).await?,
+    assert_eq!(
+        g.stored_state(&mut conn, &key).await?,
+        None,
         "no version is recorded"
     );
     g.apply_batch(&mut conn, &[CacheWrite::delete(&key, None)])
@@ -195,18 +198,117 @@ async fn survives_a_flushed_script_cache() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A change is identified by (key, version); its op and value follow from them, so a
+#[tokio::test]
+async fn a_stale_upsert_leaves_the_key_exactly_as_it_was() -> anyhow::Result<()> {
+    let mut conn = redis().await?;
+    let prefix = unique_name("vg");
+    let (live, deleted) = (format!("{prefix}:live"), format!("{prefix}:deleted"));
+    let g = guard();
+    g.upsert_if_newer(
+        &mut conn,
+        &live,
+        b"v5",
+        Version::new(5),
+        Some(Duration::from_secs(900)),
+    )
+    .await?;
+    g.delete_if_newer(&mut conn, &deleted, Version::new(5))
+        .await?;
+    use WriteOutcome::*;
+    let late = vec![
+        CacheWrite::upsert(&live, "v4", Some(Version::new(4))),
+        CacheWrite::upsert(&deleted, "v4", Some(Version::new(4))),
+    ];
+    assert_eq!(g.apply_batch(&mut conn, &late).await?, vec![Stale, Stale]);
+    let late_with_ttl = vec![
+        CacheWrite::upsert(&live, "v5", Some(Version::new(5)))
+            .with_ttl(Some(Duration::from_secs(5))),
+        CacheWrite::upsert(&deleted, "v3", Some(Version::new(3)))
+            .with_ttl(Some(Duration::from_secs(5))),
+    ];
+    assert_eq!(
+        g.apply_batch(&mut conn, &late_with_ttl).await?,
+        vec![Duplicate, Stale]
+    );
+    assert_eq!(conn.get::<_, String>(&live).await?, "v5");
+    let ttl: i64 = conn.pttl(&live).await?;
+    assert!(ttl > 890_000, "the value keeps its own TTL: {ttl}");
+    assert!(!conn.exists::<_, bool>(&deleted).await?, "no resurrection");
+    let leftovers: Vec<String> = conn.keys(format!("__vkeep:*{prefix}*")).await?;
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_version_state_refuses_the_whole_batch_and_changes_nothing() -> anyhow::Result<()>
+{
+    let mut conn = redis().await?;
+    let prefix = unique_name("vg");
+    let (good, corrupt) = (format!("{prefix}:good"), format!("{prefix}:corrupt"));
+    let g = guard();
+    let _: () = conn.set(&good, "before").await?;
+    let _: () = conn.set(&corrupt, "before").await?;
+    let _: () = conn.set(version_key(&corrupt), "not a version").await?;
+    let batch = vec![
+        CacheWrite::upsert(&good, "after", Some(Version::new(1))),
+        CacheWrite::upsert(&corrupt, "after", Some(Version::new(1))),
+    ];
+    let error = g.apply_batch(&mut conn, &batch).await.unwrap_err();
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("malformed version state"),
+        "{error}"
+    );
+    assert_eq!(conn.get::<_, String>(&good).await?, "before");
+    assert_eq!(conn.get::<_, String>(&corrupt).await?, "before");
+    assert_eq!(g.stored_state(&mut conn, &good).await?, None);
+    // Alone, the sound write goes through.
+    assert_eq!(
+        g.apply_batch(&mut conn, &batch[..1]).await?,
+        vec![WriteOutcome::Applied]
+    );
+    assert_eq!(conn.get::<_, String>(&good).await?, "after");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_key_without_expiry_from_an_older_layout_is_honoured() -> anyhow::Result<()> {
+    let mut conn = redis().await?;
+    let key = format!("{}:legacy", unique_name("vg"));
+    let g = guard();
+    let _: () = conn.set(&key, "v7").await?;
+    let _: () = conn.set(version_key(&key), "7").await?;
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, b"v6", Version::new(6), None)
+            .await?,
+        WriteOutcome::Stale
+    );
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, b"v8", Version::new(8), None)
+            .await?,
+        WriteOutcome::Applied
+    );
+    assert_eq!(conn.get::<_, String>(&key).await?, "v8");
+    assert!(!conn.exists::<_, bool>(version_key(&key)).await?);
+    assert_eq!(g.stored_state(&mut conn, &key).await?.as_deref(), Some("8"));
+    Ok(())
+}
+
+/// A change is identified by (key, version); its op, value and TTL follow from them, so a
 /// duplicate delivery is byte-identical to the original.
 fn change(prefix: &str, key: u8, version: u8) -> CacheWrite {
     let name = format!("{prefix}:{key}");
-    if (u32::from(version) * 7 + u32::from(key) * 3) % 4 == 0 {
+    let mix = u32::from(version) * 7 + u32::from(key) * 3;
+    if mix % 4 == 0 {
         CacheWrite::delete(name, Some(Version::new(version.into())))
     } else {
+        let ttl = (mix % 3 == 0).then(|| Duration::from_secs(600));
         CacheWrite::upsert(
             name,
             format!("{{\"key\":{key},\"version\":{version}}}"),
             Some(Version::new(version.into())),
         )
+        .with_ttl(ttl)
     }
 }
 
@@ -251,24 +353,33 @@ proptest! {
             for k in 0u8..3 {
                 let name = format!("{prefix}:{k}");
                 let value: Option<String> = conn.get(&name).await.expect("GET");
-                let version: Option<String> = conn.get(version_key(&name)).await.expect("GET");
+                let value_ttl: i64 = conn.pttl(&name).await.expect("PTTL");
+                let state = guard.stored_state(&mut conn, &name).await.expect("state");
                 match model.get(&k) {
                     None => {
                         prop_assert_eq!(value, None);
-                        prop_assert_eq!(version, None);
+                        prop_assert_eq!(state, None);
                     }
-                    Some(&highest) => match change(&prefix, k, highest).change {
-                        fleet::version_guard::Change::Delete => {
-                            prop_assert_eq!(value, None);
-                            prop_assert_eq!(version, Some(format!("{highest}:deleted")));
+                    Some(&highest) => {
+                        let write = change(&prefix, k, highest);
+                        match write.change {
+                            fleet::version_guard::Change::Delete => {
+                                prop_assert_eq!(value, None);
+                                prop_assert_eq!(state, Some(format!("{highest}:deleted")));
+                            }
+                            fleet::version_guard::Change::Upsert(bytes) => {
+                                prop_assert_eq!(value.map(String::into_bytes), Some(bytes));
+                                prop_assert_eq!(state, Some(highest.to_string()));
+                                // Stale upserts after it put the key back with its own TTL.
+                                prop_assert_eq!(value_ttl > 0, write.ttl.is_some(), "PTTL {}", value_ttl);
+                            }
                         }
-                        fleet::version_guard::Change::Upsert(bytes) => {
-                            prop_assert_eq!(value.map(String::into_bytes), Some(bytes));
-                            prop_assert_eq!(version, Some(highest.to_string()));
-                        }
-                    },
+                    }
                 }
+                let moved_aside = format!("__vkeep:{{{name}}}");
+                prop_assert!(!conn.exists::<_, bool>(&moved_aside).await.expect("EXISTS"));
                 let _: () = conn.del(&[name.clone(), version_key(&name)]).await.expect("DEL");
+                let _: () = conn.hdel(guard.bucket_key(&name), &name).await.expect("HDEL");
             }
             Ok(())
         })?;
@@ -290,4 +401,77 @@ async fn shared_connection() -> redis::aio::MultiplexedConnection {
     let conn = redis().await.expect("connect to Redis");
     CONNECTION.with(|c| *c.borrow_mut() = Some(conn.clone()));
     conn
+}
+
+/// A Redis of its own, so filling its memory cannot disturb the other tests.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let server = Self { child, url };
+        let client = redis::Client::open(server.url.as_str())?;
+        for _ in 0..100 {
+            if client.get_multiplexed_async_connection().await.is_ok() {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("redis-server on port {port} did not start")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn out_of_memory_is_transient_and_writes_nothing() -> anyhow::Result<()> {
+    let server = PrivateRedis::start(&["--maxmemory-policy", "noeviction"]).await?;
+    let mut conn = redis::Client::open(server.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let g = guard();
+    g.load(&mut conn).await?;
+    let _: () = conn.set("filler", vec![b'x'; 4 << 20]).await?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("2mb")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let write = CacheWrite::upsert("order:1", "v1", Some(Version::new(1)));
+    let error = g
+        .apply_batch(&mut conn, std::slice::from_ref(&write))
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(!conn.exists::<_, bool>("order:1").await?);
+    // Memory is freed: the same write goes through.
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("64mb")
+        .query_async::<()>(&mut conn)
+        .await?;
+    assert_eq!(
+        g.apply_batch(&mut conn, &[write]).await?,
+        vec![WriteOutcome::Applied]
+    );
+    Ok(())
 }
