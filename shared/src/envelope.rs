@@ -137,6 +137,120 @@ pub fn parse_object(body: &[u8], max_bytes: usize) -> Result<Map<String, Value>,
     }
 }
 
+/// Parses a plain entity payload like [`parse_object`], but keeps only the top-level fields
+/// named in `wanted`. The rest is checked for JSON syntax and skipped without building
+/// values: for a decoder that reads three fields of a large message, that is most of the
+/// parsing cost.
+pub fn parse_fields(
+    body: &[u8],
+    max_bytes: usize,
+    wanted: &[String],
+) -> Result<Map<String, Value>, PayloadError> {
+    check_size(body, max_bytes)?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields(wanted), &mut de)
+        .and_then(|object| de.end().map(|()| object));
+    match parsed {
+        Ok(Some(map)) => Ok(map),
+        Ok(None) => Err(PayloadError::NotObject),
+        Err(e) => Err(PayloadError::NotJson(e.to_string())),
+    }
+}
+
+mod sparse {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    /// A top-level JSON value: `Some` object with only the wanted fields, `None` for any
+    /// other type.
+    pub(super) struct Fields<'w>(pub(super) &'w [String]);
+
+    impl<'de> DeserializeSeed<'de> for Fields<'_> {
+        type Value = Option<Map<String, Value>>;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Fields<'_> {
+        type Value = Option<Map<String, Value>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(Key(key)) = map.next_key()? {
+                if self.0.iter().any(|wanted| *wanted == *key) {
+                    out.insert(key.into_owned(), map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Some(out))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+
+    /// An object key, borrowed from the input unless it has escapes.
+    struct Key<'de>(Cow<'de, str>);
+
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("an object key")
+                }
+
+                fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Borrowed(key)))
+                }
+
+                fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Owned(key.to_owned())))
+                }
+            }
+            de.deserialize_str(KeyVisitor)
+        }
+    }
+}
+
 /// Reads an optional version from a field of a plain payload.
 pub fn version_field(
     payload: &Map<String, Value>,
@@ -158,6 +272,54 @@ pub fn version_field(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_fields_keeps_only_the_wanted_fields_and_errs_like_parse_object() {
+        let wanted = vec![
+            "order_id".to_string(),
+            "meta".to_string(),
+            "k\"ey".to_string(),
+        ];
+        let body = br#"{"order_id": 7, "pad": [1, {"x": "y"}], "meta": {"a": [1]}, "k\"ey": 1, "s": "\u00e9"}"#;
+        let map = parse_fields(body, 1024, &wanted).unwrap();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["order_id"], serde_json::json!(7));
+        assert_eq!(map["meta"], serde_json::json!({"a": [1]}));
+        let full = parse_object(body, 1024).unwrap();
+        assert_eq!(full["meta"], map["meta"]);
+        for bad in [&b"[1, 2]"[..], b"\"text\"", b"3", b"null", b"true"] {
+            assert!(matches!(
+                parse_fields(bad, 1024, &wanted),
+                Err(PayloadError::NotObject)
+            ));
+            assert!(matches!(
+                parse_object(bad, 1024),
+                Err(PayloadError::NotObject)
+            ));
+        }
+        for bad in [
+            &b"not json"[..],
+            b"{\"a\": }",
+            b"{\"order_id\": 1} trailing",
+            b"{\"pad\": [1,]}",
+        ] {
+            assert!(
+                matches!(
+                    parse_fields(bad, 1024, &wanted),
+                    Err(PayloadError::NotJson(_))
+                ),
+                "{bad:?}"
+            );
+            assert!(matches!(
+                parse_object(bad, 1024),
+                Err(PayloadError::NotJson(_))
+            ));
+        }
+        assert!(matches!(
+            parse_fields(&[b' '; 2000], 1024, &wanted),
+            Err(PayloadError::TooLarge { .. })
+        ));
+    }
 
     #[test]
     fn envelope_round_trips_and_keeps_value_bytes() {

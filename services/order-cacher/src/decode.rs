@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fleet::envelope::{check_size, parse_object, PayloadError};
+use fleet::envelope::{check_size, parse_fields, parse_object, PayloadError};
 use fleet::key_template::{json_kind, KeyTemplate};
 use fleet::mapping::{EntityMapping, OriginMarker};
 use fleet::version::Version;
@@ -64,6 +64,8 @@ pub struct TopicRules {
     mapping: EntityMapping,
     origin: OriginMarker,
     max_message_bytes: usize,
+    /// The top-level payload fields the rules read; decoding skips the others.
+    fields: Vec<String>,
 }
 
 /// One secondary index of a topic.
@@ -92,13 +94,31 @@ impl From<&IndexConfig> for IndexRule {
 impl TopicRules {
     /// Rules for one configured topic.
     pub fn new(config: &TopicConfig, origin: &OriginMarker, max_message_bytes: usize) -> Self {
+        let indexes: Vec<IndexRule> = config.indexes.iter().map(IndexRule::from).collect();
+        let mapping = config.mapping();
+        let mut fields: Vec<String> = mapping.key_template.fields().collect();
+        fields.extend(mapping.version_field.clone());
+        fields.push(origin.field.clone());
+        for index in &indexes {
+            fields.extend(index.key_template.fields());
+            fields.extend(index.member_template.iter().flat_map(KeyTemplate::fields));
+            fields.push(index.score_field.clone());
+        }
+        // A dotted template field reads a nested object: keep its top-level field whole.
+        let mut fields: Vec<String> = fields
+            .iter()
+            .map(|field| field.split('.').next().unwrap_or(field).to_string())
+            .collect();
+        fields.sort();
+        fields.dedup();
         Self {
             topic: config.name.clone(),
             dead_letter_topic: config.dead_letter_topic(),
-            indexes: config.indexes.iter().map(IndexRule::from).collect(),
-            mapping: config.mapping(),
+            indexes,
+            mapping,
             origin: origin.clone(),
             max_message_bytes,
+            fields,
         }
     }
 
@@ -138,7 +158,7 @@ impl TopicRules {
         body: &[u8],
         timestamp_ms: Option<i64>,
     ) -> Result<Option<Decoded>, PayloadError> {
-        let payload = parse_object(body, self.max_message_bytes)?;
+        let payload = parse_fields(body, self.max_message_bytes, &self.fields)?;
         if self.origin.matches_payload(&payload) {
             return Ok(None);
         }
@@ -328,6 +348,30 @@ mod tests {
         assert_eq!(write.version, Some(Version::new(3)));
         assert_eq!(write.change, Change::Upsert(body.to_vec()));
         assert!(indexes.is_empty());
+    }
+
+    #[test]
+    fn only_the_fields_the_rules_read_are_kept_and_nested_ones_work() {
+        let config = TopicConfig {
+            name: "orders".into(),
+            key_template: KeyTemplate::parse("order:{meta.id}").unwrap(),
+            version_field: Some("version".into()),
+            ttl_secs: None,
+            dead_letter_topic: None,
+            indexes: vec![],
+        };
+        let r = TopicRules::new(&config, &OriginMarker::default(), 1024);
+        assert_eq!(r.fields, ["meta", "source", "version"]);
+        let body = br#"{"pad": {"deep": [1, 2, {"x": null}]}, "meta": {"id": 5}, "version": 2}"#;
+        let Decoded::Write { write, .. } = decode(&r, None, Some(body), &[]) else {
+            panic!("a write")
+        };
+        assert_eq!(write.key, "order:5");
+        assert_eq!(
+            write.change,
+            Change::Upsert(body.to_vec()),
+            "stored as received"
+        );
     }
 
     #[test]
