@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Pipelined version-guarded writes against the ceiling `redis-benchmark -P <batch> SET`,
 # same value size, same clients, same keyspace, side by side in one run, alternating.
-# A third contender, the script floor, sends the same calls through a script that only
-# MSETs the values (no version read or write): the most any Lua-based write can reach.
+# A third contender, the script floor, sends the same keys and values through a script that
+# only MSETs them (no version read or write): what passing the values through Lua costs. The
+# guard keeps values out of Lua, so it is not bounded by the floor.
 #
 #   bench/version_guard.sh [rounds]      env: BATCH (default 500, the services' batch size) CLIENTS VALUE_SIZE WRITES KEYSPACE
 set -euo pipefail

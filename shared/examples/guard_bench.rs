@@ -6,8 +6,8 @@
 //!
 //! With `--script-floor` it instead sends the same keys and values through the cheapest
 //! possible script, one `MSET` of the values with no version read or write, and prints
-//! `script_floor_writes_per_sec=<n>`: what any Lua-based write costs on this server before
-//! it guards anything.
+//! `script_floor_writes_per_sec=<n>`: what passing the values through Lua costs on this
+//! server before guarding anything.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
