@@ -14,7 +14,7 @@
 //! Writes without a version are plain last-writer-wins `SET`/`DEL` and neither read nor
 //! change any version.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
@@ -422,23 +422,25 @@ impl VersionGuard {
         run.clear();
     }
 
-    /// Cuts a run into script calls of at most `entries_per_call` distinct keys. A key seen
-    /// again starts the next call: calls run in order, so its writes keep their order and
-    /// the script needs no per-key bookkeeping.
+    /// Cuts a run into script calls of at most `entries_per_call` distinct keys. The n-th
+    /// write to a key goes into a call after every call holding its earlier writes, so its
+    /// writes keep their order and the script needs no per-key bookkeeping; writes to
+    /// different keys need no order between them, so a repeated key adds only a small call.
     fn split_into_calls(&self, writes: &[CacheWrite], run: &[usize], calls: &mut Vec<Call>) {
-        let mut call: Vec<usize> = Vec::with_capacity(run.len().min(self.entries_per_call));
-        let mut keys: HashSet<&str> = HashSet::with_capacity(call.capacity());
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(run.len());
+        let mut layers: Vec<Vec<usize>> = Vec::new();
         for &index in run {
-            let key = writes[index].key.as_str();
-            if call.len() == self.entries_per_call || keys.contains(key) {
-                calls.push(Call::Guarded(std::mem::take(&mut call)));
-                keys.clear();
+            let count = seen.entry(writes[index].key.as_str()).or_insert(0);
+            if *count == layers.len() {
+                layers.push(Vec::new());
             }
-            keys.insert(key);
-            call.push(index);
+            layers[*count].push(index);
+            *count += 1;
         }
-        if !call.is_empty() {
-            calls.push(Call::Guarded(call));
+        for layer in layers {
+            for call in layer.chunks(self.entries_per_call) {
+                calls.push(Call::Guarded(call.to_vec()));
+            }
         }
     }
 
@@ -638,6 +640,7 @@ enum Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[test]
     fn version_key_shares_the_slot() {
@@ -713,7 +716,7 @@ mod tests {
             .collect();
         assert_eq!(shape, ["g[0, 1]", "g[2]", "p3", "g[4]"]);
 
-        // A repeated key starts a new call.
+        // A repeated key's later write goes into a later call; the others stay together.
         let writes = vec![
             CacheWrite::upsert("a", "1", Some(Version::new(1))),
             CacheWrite::upsert("b", "1", Some(Version::new(1))),
@@ -729,7 +732,7 @@ mod tests {
                 Call::Plain(_) => panic!("all versioned"),
             })
             .collect();
-        assert_eq!(plan, vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(plan, vec![vec![0, 1, 3], vec![2]]);
     }
 
     #[test]
