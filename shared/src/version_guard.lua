@@ -31,15 +31,7 @@ local stash = KEYS[#KEYS]
 local tombstone_ttl = tonumber(ARGV[1])
 local first_version = nb + 3
 
--- The name sharing key's cluster slot: key's own hash tag, or the whole key as the tag.
-local function tagged(prefix, key)
-  local open = string.find(key, '{', 1, true)
-  if open then
-    local close = string.find(key, '}', open + 1, true)
-    if close and close > open + 1 then return prefix .. key end
-  end
-  return prefix .. '{' .. key .. '}'
-end
+-- tagged(prefix, key) comes from version_guard_common.lua, sent in front of this script.
 
 local moved = {}
 local function move_aside(i)

@@ -25,10 +25,10 @@ use crate::version::Version;
 
 /// The version check and version writes, step 1 of a guarded transaction.
 static CHECK_SCRIPT: LazyLock<String> =
-    LazyLock::new(|| without_comments(include_str!("version_guard.lua")));
+    LazyLock::new(|| script_with_common(include_str!("version_guard.lua")));
 /// Puts back the keys of upserts that must not apply, step 3 of a guarded transaction.
 static RESTORE_SCRIPT: LazyLock<String> =
-    LazyLock::new(|| without_comments(include_str!("version_guard_restore.lua")));
+    LazyLock::new(|| script_with_common(include_str!("version_guard_restore.lua")));
 
 /// Prefix of version keys (tombstones and versions of expiring entries).
 pub const VERSION_KEY_PREFIX: &str = "__ver:";
@@ -89,6 +89,14 @@ fn slot_tag(slot: u16) -> &'static str {
         tags
     });
     &tags[usize::from(slot)]
+}
+
+/// A script with the helpers both share in front of it, without comments.
+fn script_with_common(script: &str) -> String {
+    without_comments(&format!(
+        "{}\n{script}",
+        include_str!("version_guard_common.lua")
+    ))
 }
 
 fn without_comments(script: &str) -> String {

@@ -4,14 +4,7 @@
 --
 -- KEYS[1]: the stash list of (key, "r" moved aside | "d" did not exist) pairs.
 -- Returns how many keys were put back.
-local function tagged(prefix, key)
-  local open = string.find(key, '{', 1, true)
-  if open then
-    local close = string.find(key, '}', open + 1, true)
-    if close and close > open + 1 then return prefix .. key end
-  end
-  return prefix .. '{' .. key .. '}'
-end
+-- tagged(prefix, key) comes from version_guard_common.lua, sent in front of this script.
 
 local moved = redis.call('LRANGE', KEYS[1], 0, -1)
 if #moved == 0 then return 0 end
