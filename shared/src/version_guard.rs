@@ -99,6 +99,11 @@ fn script_with_common(script: &str) -> String {
     ))
 }
 
+/// The version bucket serving `slot` (a bucket number on a single server).
+fn bucket_name(slot: u16) -> String {
+    format!("{BUCKET_PREFIX}{{{}}}", slot_tag(slot))
+}
+
 fn without_comments(script: &str) -> String {
     // The script travels with every call (EVAL, never a missing EVALSHA inside a
     // transaction), so only its code is sent, and the server hashes less of it.
@@ -293,7 +298,7 @@ impl VersionGuard {
     /// The version bucket (a hash) holding the version of `key` while `key` is live without
     /// expiry.
     pub fn bucket_key(&self, key: &str) -> String {
-        format!("{BUCKET_PREFIX}{{{}}}", slot_tag(self.bucket_slot(key)))
+        bucket_name(self.bucket_slot(key))
     }
 
     fn bucket_slot(&self, key: &str) -> u16 {
@@ -524,7 +529,7 @@ impl VersionGuard {
             cmd.arg(&writes[index].key);
         }
         for &slot in by_bucket.keys() {
-            cmd.arg(format!("{BUCKET_PREFIX}{{{}}}", slot_tag(slot)));
+            cmd.arg(bucket_name(slot));
         }
         cmd.arg(self.stash_key(&writes[ordered[0]].key));
         let mut ops = String::with_capacity(ordered.len());
