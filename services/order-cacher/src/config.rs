@@ -286,3 +286,41 @@ impl ServiceConfig for OrderCacherConfig {
         &self.runtime
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn load_env(pairs: &[(&str, &str)]) -> Result<OrderCacherConfig, fleet::config::ConfigError> {
+        let env: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        fleet::config::load(&crate::SPEC, None, &env)
+    }
+
+    #[test]
+    fn topics_and_their_indexes_can_come_from_the_environment() {
+        let config = load_env(&[(
+            "ORDER_CACHER__TOPICS",
+            r#"[{name = "orders-eu", key_template = "order:{id}", version_field = "version",
+                 indexes = [{key_template = "user:{user_id}:orders", score_field = "ts"}]},
+                {name = "orders-us", key_template = "order:{id}"}]"#,
+        )])
+        .unwrap();
+        let names: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["orders-eu", "orders-us"]);
+        assert_eq!(config.topics[0].version_field.as_deref(), Some("version"));
+        assert_eq!(config.topics[0].indexes[0].score_field, "ts");
+
+        let error = load_env(&[(
+            "ORDER_CACHER__TOPICS",
+            r#"[{name = "o", key_templat = "order:{id}"}]"#,
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("topics.0.key_templat"), "{error}");
+        assert!(error.contains("ORDER_CACHER__TOPICS"), "{error}");
+    }
+}
