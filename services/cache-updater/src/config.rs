@@ -330,3 +330,28 @@ impl ServiceConfig for CacheUpdaterConfig {
         &self.runtime
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn queues_can_come_from_the_environment() {
+        let env: BTreeMap<String, String> = [(
+            "CACHE_UPDATER__QUEUES".to_string(),
+            r#"[{name = "products", key_template = "product:{product_id}", routing_keys = ["product.*"]},
+                {name = "orders"}]"#
+                .to_string(),
+        )]
+        .into();
+        let config: CacheUpdaterConfig = fleet::config::load(&crate::SPEC, None, &env).unwrap();
+        let names: Vec<&str> = config.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["products", "orders"]);
+        assert_eq!(
+            config.queues[0].routing_keys.as_deref(),
+            Some(&["product.*".to_string()][..])
+        );
+        assert!(config.queues[1].key_template.is_none());
+    }
+}
