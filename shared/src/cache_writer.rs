@@ -108,6 +108,23 @@ impl CacheWriter {
         .await
     }
 
+    /// Reads the values at `keys` (`None` where a key is missing), with the same retries as
+    /// [`CacheWriter::write`]. `None` means shutdown came first.
+    pub async fn read_values(
+        &mut self,
+        keys: &[&str],
+        shutdown: &Shutdown,
+    ) -> Option<Vec<Option<Vec<u8>>>> {
+        self.retrying(keys.len(), shutdown, |mut conn| async move {
+            redis::cmd("MGET")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(GuardError::from)
+        })
+        .await
+    }
+
     /// Writes one batch once, for callers that decide themselves what to retry, such as
     /// giving up on writes Redis refuses while waiting out an outage. Redis is marked down
     /// only when the failure is transient (unreachable or overloaded).

@@ -605,5 +605,35 @@ max_entries = 3
         recent == vec![scenario.key(5), scenario.key(4), scenario.key(3)],
         "the three latest orders by timestamp: {recent:?}"
     );
+
+    // A delete takes the order out of its index; one that does not apply leaves it there.
+    let tombstone = |id: usize, version: &str| {
+        Record {
+            key: Some(id.to_string().into_bytes()),
+            payload: None,
+            ..Record::default()
+        }
+        .header("version", version)
+    };
+    let more = vec![
+        tombstone(5, "2"),
+        tombstone(4, "1"),
+        // Created and deleted in quick succession, most likely in one batch.
+        placed(8, 1, 8),
+        tombstone(8, "2"),
+    ];
+    kafka::produce(&kafka::producer()?, &scenario.topic, &more).await?;
+    wait_handled(&service, (records.len() + more.len()) as f64, DRAIN).await?;
+    let recent: Vec<String> = conn
+        .zrevrange(format!("{}:user:u1:orders", scenario.prefix), 0, -1)
+        .await?;
+    ensure!(
+        recent == vec![scenario.key(4), scenario.key(3)],
+        "deleted orders leave the index, the duplicate delete changes nothing: {recent:?}"
+    );
+    ensure!(conn
+        .get::<_, Option<String>>(scenario.key(8))
+        .await?
+        .is_none());
     Ok(())
 }

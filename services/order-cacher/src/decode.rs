@@ -79,6 +79,13 @@ pub struct IndexRule {
     pub ttl: Option<Duration>,
 }
 
+impl IndexRule {
+    /// Whether members are the entries' own keys (no `member_template`).
+    pub fn members_are_entry_keys(&self) -> bool {
+        self.member_template.is_none()
+    }
+}
+
 impl From<&IndexConfig> for IndexRule {
     fn from(config: &IndexConfig) -> Self {
         Self {
@@ -144,6 +151,26 @@ impl TopicRules {
             Ok(None) => Decoded::SkippedOrigin,
             Err(e) => Decoded::Poison(e),
         }
+    }
+
+    /// The (index key, member) pairs a stored value put into this topic's indexes whose
+    /// members are entry keys: what a delete of `cache_key` takes out of them. Indexes with a
+    /// `member_template` are left alone, since several entries may share a member there. A
+    /// value the rules cannot read yields none.
+    pub fn index_members(&self, stored: &[u8], cache_key: &str) -> Vec<(String, String)> {
+        let Ok(payload) = parse_fields(stored, usize::MAX, &self.fields) else {
+            return Vec::new();
+        };
+        self.indexes
+            .iter()
+            .filter(|index| index.members_are_entry_keys())
+            .filter_map(|index| {
+                Some((
+                    index.key_template.render(&payload).ok()?,
+                    cache_key.to_string(),
+                ))
+            })
+            .collect()
     }
 
     fn origin_header<'a, H>(&self, header: &H) -> Option<Option<&'a [u8]>>

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet::cache_writer::CacheWriter;
+use fleet::version_guard::{Change, WriteOutcome};
 use fleet::Shutdown;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
@@ -67,6 +68,8 @@ pub struct Batch {
     timestamps_ms: Vec<Option<i64>>,
     /// Index entries and the write each belongs to.
     indexes: Vec<(usize, usize, IndexEntry)>,
+    /// Deletes (write, topic) of topics with indexes: their members leave the indexes.
+    index_deletes: Vec<(usize, usize)>,
     dead_letters: Vec<DeadLetter>,
     skipped: u64,
     /// (topic index, partition, next offset), one per partition seen.
@@ -80,6 +83,7 @@ impl Batch {
             writes: Vec::with_capacity(capacity),
             timestamps_ms: Vec::with_capacity(capacity),
             indexes: Vec::new(),
+            index_deletes: Vec::new(),
             dead_letters: Vec::new(),
             skipped: 0,
             offsets: Vec::new(),
@@ -286,6 +290,9 @@ impl Reader<'_> {
         match rules.decode(&incoming) {
             Decoded::Write { write, indexes } => {
                 let at = batch.writes.len();
+                if write.change == Change::Delete && !rules.indexes.is_empty() {
+                    batch.index_deletes.push((at, index));
+                }
                 batch.writes.push(write);
                 batch.timestamps_ms.push(timestamp_ms);
                 batch
@@ -423,6 +430,31 @@ impl BatchWriter {
         {
             return false;
         }
+        // What a delete takes out of the indexes comes from the value it deletes, so that
+        // value is read first.
+        let removals = if batch.index_deletes.is_empty() {
+            Vec::new()
+        } else {
+            let keys: Vec<&str> = batch
+                .index_deletes
+                .iter()
+                .map(|&(write, _)| batch.writes[write].key.as_str())
+                .collect();
+            let Some(stored) = self.cache.read_values(&keys, shutdown).await else {
+                return false;
+            };
+            batch
+                .index_deletes
+                .iter()
+                .zip(stored)
+                .map(|(&(write, topic), value)| {
+                    let members = value.map_or_else(Vec::new, |value| {
+                        self.rules[topic].index_members(&value, &batch.writes[write].key)
+                    });
+                    (write, members)
+                })
+                .collect()
+        };
         let outcomes = if batch.writes.is_empty() {
             Vec::new()
         } else {
@@ -431,8 +463,8 @@ impl BatchWriter {
                 None => return false,
             }
         };
-        if !batch.indexes.is_empty() {
-            let pipe = self.index_pipeline(batch, &outcomes);
+        if !batch.indexes.is_empty() || !removals.is_empty() {
+            let pipe = self.index_pipeline(batch, &outcomes, &removals);
             if !pipe.is_empty() && self.cache.run_pipeline(&pipe, shutdown).await.is_none() {
                 return false;
             }
@@ -458,38 +490,67 @@ impl BatchWriter {
         true
     }
 
-    /// Index entries of every entry that is now current: applied, or applied before (a
-    /// duplicate after a crash). ZADD is idempotent, so a replay is harmless.
+    /// Index updates in the order of the batch's writes. An upsert that is now current
+    /// (applied, or applied before: a duplicate after a crash) adds its entries; ZADD is
+    /// idempotent, so a replay is harmless. A delete that applied takes its key out of the
+    /// indexes the deleted value was in (those whose members are entry keys): the value
+    /// stored before the batch (`removals`) and any written earlier in the same batch.
     fn index_pipeline(
         &self,
         batch: &Batch,
-        outcomes: &[fleet::version_guard::WriteOutcome],
+        outcomes: &[WriteOutcome],
+        removals: &[(usize, Vec<(String, String)>)],
     ) -> redis::Pipeline {
+        let mut removals = removals.iter().peekable();
+        let mut entries = batch.indexes.iter().peekable();
         let mut pipe = redis::pipe();
-        for (write, topic, entry) in &batch.indexes {
-            if outcomes.get(*write) == Some(&fleet::version_guard::WriteOutcome::Stale) {
+        for (at, write) in batch.writes.iter().enumerate() {
+            while let Some((_, topic, entry)) = entries.next_if(|(w, _, _)| *w == at) {
+                if outcomes.get(at) != Some(&WriteOutcome::Stale) {
+                    self.add_to_index(&mut pipe, *topic, entry);
+                }
+            }
+            let Some((_, stored)) = removals.next_if(|(w, _)| *w == at) else {
+                continue;
+            };
+            if outcomes.get(at) != Some(&WriteOutcome::Applied) {
                 continue;
             }
-            let rule = &self.rules[*topic].indexes[entry.rule];
-            pipe.cmd("ZADD")
-                .arg(&entry.key)
-                .arg(entry.score)
-                .arg(&entry.member)
-                .ignore();
-            // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
-            pipe.cmd("ZREMRANGEBYRANK")
-                .arg(&entry.key)
-                .arg(0)
-                .arg(-(rule.max_entries as i64) - 1)
-                .ignore();
-            if let Some(ttl) = rule.ttl {
-                pipe.cmd("PEXPIRE")
-                    .arg(&entry.key)
-                    .arg(ttl.as_millis() as u64)
-                    .ignore();
+            let earlier = batch
+                .indexes
+                .iter()
+                .take_while(|(w, _, _)| *w < at)
+                .filter(|(w, topic, entry)| {
+                    batch.writes[*w].key == write.key
+                        && self.rules[*topic].indexes[entry.rule].members_are_entry_keys()
+                })
+                .map(|(_, _, entry)| (&entry.key, &entry.member));
+            for (key, member) in stored.iter().map(|(k, m)| (k, m)).chain(earlier) {
+                pipe.cmd("ZREM").arg(key).arg(member).ignore();
             }
         }
         pipe
+    }
+
+    fn add_to_index(&self, pipe: &mut redis::Pipeline, topic: usize, entry: &IndexEntry) {
+        let rule = &self.rules[topic].indexes[entry.rule];
+        pipe.cmd("ZADD")
+            .arg(&entry.key)
+            .arg(entry.score)
+            .arg(&entry.member)
+            .ignore();
+        // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(&entry.key)
+            .arg(0)
+            .arg(-(rule.max_entries as i64) - 1)
+            .ignore();
+        if let Some(ttl) = rule.ttl {
+            pipe.cmd("PEXPIRE")
+                .arg(&entry.key)
+                .arg(ttl.as_millis() as u64)
+                .ignore();
+        }
     }
 
     fn store_offsets(&self, batch: &Batch) {
