@@ -294,6 +294,14 @@ async fn a_version_key_without_expiry_from_an_older_layout_is_honoured() -> anyh
     Ok(())
 }
 
+/// `write` with its value padded to about 2 KB.
+fn padded(mut write: CacheWrite) -> CacheWrite {
+    if let fleet::version_guard::Change::Upsert(value) = &mut write.change {
+        value.extend(std::iter::repeat_n(b' ', 2048));
+    }
+    write
+}
+
 /// A change is identified by (key, version); its op, value and TTL follow from them, so a
 /// duplicate delivery is byte-identical to the original.
 fn change(prefix: &str, key: u8, version: u8) -> CacheWrite {
@@ -310,6 +318,72 @@ fn change(prefix: &str, key: u8, version: u8) -> CacheWrite {
         )
         .with_ttl(ttl)
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_the_same_keys_end_at_the_highest_versions() -> anyhow::Result<()> {
+    // Eight connections send interleaved batches of random versioned upserts (with and
+    // without TTL) and deletes over twelve keys, as replicas of a consumer would.
+    let prefix = unique_name("vg-conc");
+    let guard = VersionGuard::new(Duration::from_secs(600)).with_entries_per_call(7);
+    let mut tasks = Vec::new();
+    for writer in 0..8u64 {
+        let (guard, prefix) = (guard.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = redis().await?;
+            let mut highest: BTreeMap<u8, u8> = BTreeMap::new();
+            for round in 0..150u64 {
+                let size = 1 + ((writer * 31 + round * 17) % 60) as usize;
+                let batch: Vec<(u8, u8)> = (0..size)
+                    .map(|_| (rand::random::<u8>() % 12, 1 + rand::random::<u8>() % 250))
+                    .collect();
+                // Large values make each transaction span several socket reads on the
+                // server, the case where commands of different clients could interleave.
+                let writes: Vec<CacheWrite> = batch
+                    .iter()
+                    .map(|&(k, v)| padded(change(&prefix, k, v)))
+                    .collect();
+                guard.apply_batch(&mut conn, &writes).await?;
+                for (k, v) in batch {
+                    let top = highest.entry(k).or_insert(v);
+                    *top = (*top).max(v);
+                }
+            }
+            anyhow::Ok(highest)
+        }));
+    }
+    let mut highest: BTreeMap<u8, u8> = BTreeMap::new();
+    for task in tasks {
+        for (k, v) in task.await?? {
+            let top = highest.entry(k).or_insert(v);
+            *top = (*top).max(v);
+        }
+    }
+    let mut conn = redis().await?;
+    for (&k, &v) in &highest {
+        let name = format!("{prefix}:{k}");
+        let value: Option<String> = conn.get(&name).await?;
+        let state = guard.stored_state(&mut conn, &name).await?;
+        let write = padded(change(&prefix, k, v));
+        match write.change {
+            fleet::version_guard::Change::Delete => {
+                anyhow::ensure!(value.is_none(), "{name} must stay deleted at {v}");
+                anyhow::ensure!(state == Some(format!("{v}:deleted")), "{name}: {state:?}");
+            }
+            fleet::version_guard::Change::Upsert(bytes) => {
+                anyhow::ensure!(
+                    value.map(String::into_bytes) == Some(bytes),
+                    "{name} at {v}"
+                );
+                anyhow::ensure!(state == Some(v.to_string()), "{name}: {state:?}");
+                let ttl: i64 = conn.pttl(&name).await?;
+                anyhow::ensure!((ttl > 0) == write.ttl.is_some(), "{name} PTTL {ttl}");
+            }
+        }
+        let moved_aside = format!("__vkeep:{{{name}}}");
+        anyhow::ensure!(!conn.exists::<_, bool>(&moved_aside).await?);
+    }
+    Ok(())
 }
 
 proptest! {
