@@ -96,11 +96,16 @@ pub async fn run(
         let ended = epoch.run(&conn).await;
         status.set_up(false);
         match ended {
-            Ok(trackers) => {
+            Ok(draining) => {
                 // Shutdown: let the writers finish what they hold, then ack it.
                 drop(shards);
-                let acked = futures::future::join_all(trackers);
+                let acked = futures::future::join_all(draining.trackers);
                 let all_acked = tokio::time::timeout(DRAIN_ON_SHUTDOWN, acked).await.is_ok();
+                for channel in &draining.channels {
+                    let _ =
+                        tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "shutdown".into()))
+                            .await;
+                }
                 close(&conn, 200, "shutdown").await;
                 if all_acked {
                     tracing::info!("Consumers stopped; in-flight messages written and acked.");
@@ -149,11 +154,18 @@ struct Epoch<'a> {
     shutdown: &'a Shutdown,
 }
 
-type Trackers = Vec<tokio::task::JoinHandle<()>>;
+/// What is left to finish after the consumers stopped for shutdown.
+struct Draining {
+    /// The ack trackers, done once every finished delivery is acked.
+    trackers: Vec<tokio::task::JoinHandle<()>>,
+    /// Every channel of the connection, closed one by one before the connection: a channel
+    /// whose last handle is dropped while the connection closes makes lapin log an error.
+    channels: Vec<Channel>,
+}
 
 impl Epoch<'_> {
-    /// Runs until shutdown (`Ok` with the ack trackers to wait for) or a failure.
-    async fn run(&self, conn: &Connection) -> Result<Trackers, EpochError> {
+    /// Runs until shutdown (`Ok` with what is left to finish) or a failure.
+    async fn run(&self, conn: &Connection) -> Result<Draining, EpochError> {
         let setup = conn.create_channel().await?;
         declare(&setup, &self.config.topology, self.config).await?;
         let publisher = conn.create_channel().await?;
@@ -163,6 +175,7 @@ impl Epoch<'_> {
 
         let mut consumers = JoinSet::new();
         let mut trackers = Vec::new();
+        let mut channels = vec![publisher.clone()];
         for (queue, rules) in self.config.queues.iter().zip(self.rules) {
             let channel = conn.create_channel().await?;
             channel
@@ -176,6 +189,7 @@ impl Epoch<'_> {
                     FieldTable::default(),
                 )
                 .await?;
+            channels.push(channel.clone());
             let (acks, events) = mpsc::unbounded_channel();
             trackers.push(tokio::spawn(ack::track(
                 channel.clone(),
@@ -223,7 +237,7 @@ impl Epoch<'_> {
             }
         }
         match failure {
-            None => Ok(trackers),
+            None => Ok(Draining { trackers, channels }),
             Some(e) => {
                 consumers.abort_all();
                 Err(e)
