@@ -37,7 +37,7 @@ pub const BUCKET_PREFIX: &str = "__vb:";
 const STASH_PREFIX: &str = "__vstash:";
 
 /// Version buckets on a single server. In cluster mode each slot has its own bucket.
-pub const SINGLE_SERVER_BUCKETS: u16 = 16;
+pub const SINGLE_SERVER_BUCKETS: u16 = 4;
 const CLUSTER_SLOTS: u16 = 16384;
 
 /// Entries per script call: keeps each call short on the server and within Lua's stack.
