@@ -30,6 +30,7 @@ local nb = #KEYS - n - 1
 local stash = KEYS[#KEYS]
 local tombstone_ttl = tonumber(ARGV[1])
 local first_version = nb + 3
+local byte, find, match = string.byte, string.find, string.match
 
 -- tagged(prefix, key) comes from version_guard_common.lua, sent in front of this script.
 
@@ -50,7 +51,7 @@ local function finish_moves()
 end
 local function refuse(why)
   for i = 1, n do
-    if string.byte(ops, i) ~= 100 then move_aside(i) end
+    if byte(ops, i) ~= 100 then move_aside(i) end
   end
   finish_moves()
   return redis.error_reply('ERR version guard refused the batch: ' .. why)
@@ -99,7 +100,7 @@ local deletes, stale_version_keys = {}, {}
 local version_writes = {}
 local ttl_index = first_version + n - 1
 for i = 1, n do
-  local op = string.byte(ops, i)
+  local op = byte(ops, i)
   local ttl
   -- 116 't', 117 'u', 100 'd'
   if op == 116 then
@@ -107,8 +108,9 @@ for i = 1, n do
     ttl = tonumber(ARGV[ttl_index])
   end
   local cur = state[i]
-  if cur then
-    cur = string.match(cur, '^(%d+)$') or string.match(cur, '^(%d+):deleted$')
+  if cur and not find(cur, '^%d+$') then
+    -- Only a version key holds a tombstone.
+    cur = (not in_field[i]) and match(cur, '^(%d+):deleted$')
     if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
   end
   local v = ARGV[first_version + i - 1]
@@ -121,9 +123,11 @@ for i = 1, n do
     -- An upsert's version goes to the bucket, and any version key goes away.
     if op == 117 then
       local f = set_fields[b]
-      if not f then f = {}; set_fields[b] = f end
-      f[#f + 1] = key
-      f[#f + 1] = v
+      if not f then f = {n = 0}; set_fields[b] = f end
+      local m = f.n
+      f[m + 1] = key
+      f[m + 2] = v
+      f.n = m + 2
       if vk[i] and state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
     else
       if in_field[i] then
@@ -147,7 +151,7 @@ end
 
 for _, i in ipairs(keep_out) do move_aside(i) end
 finish_moves()
-for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f)) end
+for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f, 1, f.n)) end
 for b, f in pairs(del_fields) do redis.call('HDEL', KEYS[n + b], unpack(f)) end
 if #stale_version_keys > 0 then redis.call('DEL', unpack(stale_version_keys)) end
 if #deletes > 0 then redis.call('DEL', unpack(deletes)) end
