@@ -58,92 +58,99 @@ local function refuse(why)
 end
 
 -- Read every entry's state: its bucket field, else its version key.
-local state, bucket_of, in_field = {}, {}, {}
+local replies, starts, counts = {}, {}, {}
 local first = 1
 for b = 1, nb do
   local count = tonumber(ARGV[2 + b])
   local got = redis.pcall('HMGET', KEYS[n + b], unpack(KEYS, first, first + count - 1))
   if got.err then return refuse(KEYS[n + b] .. ': ' .. got.err) end
-  for j = 1, count do
-    local i = first + j - 1
-    bucket_of[i] = b
-    if got[j] then
-      state[i] = got[j]
-      in_field[i] = true
-    end
-  end
+  replies[b], starts[b], counts[b] = got, first, count
   first = first + count
 end
-local version_keys, from_key = {}, {}
-for i = 1, n do
-  if not state[i] then
-    from_key[#from_key + 1] = i
-    version_keys[#version_keys + 1] = tagged('__ver:', KEYS[i])
+local version_keys, from_key, missing = {}, {}, 0
+for b = 1, nb do
+  local got, start = replies[b], starts[b]
+  for j = 1, counts[b] do
+    if not got[j] then
+      local i = start + j - 1
+      missing = missing + 1
+      from_key[missing] = i
+      version_keys[missing] = tagged('__ver:', KEYS[i])
+    end
   end
 end
-local vk = {}
-if #from_key > 0 then
+-- vk[i]: entry i's version key, for entries without a bucket field; key_state[i]: its content.
+local vk, key_state = {}, {}
+if missing > 0 then
   -- MGET never fails on a wrong type, so a stray key cannot fail the script here.
   local got = redis.call('MGET', unpack(version_keys))
-  for j = 1, #from_key do
+  for j = 1, missing do
     local i = from_key[j]
     vk[i] = version_keys[j]
-    if got[j] then state[i] = got[j] end
+    key_state[i] = got[j]
   end
 end
 
--- Decide, with no side effect until every entry is known to be sound.
-local out, keep_out = {}, {}
+-- Decide in input order, with no side effect until every entry is known to be sound.
+local out, keep_out, kept = {}, {}, 0
 local set_fields, del_fields = {}, {}
 local deletes, stale_version_keys = {}, {}
 -- {version key, value, ttl in ms or 0 for none}
 local version_writes = {}
 local ttl_index = first_version + n - 1
-for i = 1, n do
-  local op = byte(ops, i)
-  local ttl
-  -- 116 't', 117 'u', 100 'd'
-  if op == 116 then
-    ttl_index = ttl_index + 1
-    ttl = tonumber(ARGV[ttl_index])
-  end
-  local cur = state[i]
-  if cur and not find(cur, '^%d+$') then
-    -- Only a version key holds a tombstone.
-    cur = (not in_field[i]) and match(cur, '^(%d+):deleted$')
-    if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
-  end
-  local v = ARGV[first_version + i - 1]
-  if cur and (#v < #cur or (#v == #cur and v <= cur)) then
-    out[i] = (v == cur) and 'D' or 'S'
-    if op ~= 100 then keep_out[#keep_out + 1] = i end
-  else
-    out[i] = 'A'
-    local key, b = KEYS[i], bucket_of[i]
-    -- An upsert's version goes to the bucket, and any version key goes away.
-    if op == 117 then
-      local f = set_fields[b]
-      if not f then f = {n = 0}; set_fields[b] = f end
-      local m = f.n
-      f[m + 1] = key
-      f[m + 2] = v
-      f.n = m + 2
-      if vk[i] and state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
-    else
-      if in_field[i] then
-        local f = del_fields[b]
-        if not f then f = {}; del_fields[b] = f end
-        f[#f + 1] = key
+for b = 1, nb do
+  local got, start = replies[b], starts[b]
+  for j = 1, counts[b] do
+    local i = start + j - 1
+    local op = byte(ops, i)
+    local ttl
+    -- 116 't', 117 'u', 100 'd'
+    if op == 116 then
+      ttl_index = ttl_index + 1
+      ttl = tonumber(ARGV[ttl_index])
+    end
+    local in_field = got[j]
+    local cur = in_field or key_state[i]
+    if cur and not find(cur, '^%d+$') then
+      -- Only a version key holds a tombstone.
+      cur = (not in_field) and match(cur, '^(%d+):deleted$')
+      if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
+    end
+    local v = ARGV[first_version + i - 1]
+    if cur and (#v < #cur or (#v == #cur and v <= cur)) then
+      out[i] = (v == cur) and 'D' or 'S'
+      if op ~= 100 then
+        kept = kept + 1
+        keep_out[kept] = i
       end
-      local name = vk[i] or tagged('__ver:', key)
-      if op == 116 then
-        -- The version outlives an expiring value by the tombstone TTL, so a late older
-        -- message cannot bring back data older than what just expired.
-        local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
-        version_writes[#version_writes + 1] = {name, v, keep}
+    else
+      out[i] = 'A'
+      local key = KEYS[i]
+      -- An upsert's version goes to the bucket, and any version key goes away.
+      if op == 117 then
+        local f = set_fields[b]
+        if not f then f = {n = 0}; set_fields[b] = f end
+        local m = f.n
+        f[m + 1] = key
+        f[m + 2] = v
+        f.n = m + 2
+        if key_state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
       else
-        deletes[#deletes + 1] = key
-        version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
+        if in_field then
+          local f = del_fields[b]
+          if not f then f = {}; del_fields[b] = f end
+          f[#f + 1] = key
+        end
+        local name = vk[i] or tagged('__ver:', key)
+        if op == 116 then
+          -- The version outlives an expiring value by the tombstone TTL, so a late older
+          -- message cannot bring back data older than what just expired.
+          local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
+          version_writes[#version_writes + 1] = {name, v, keep}
+        else
+          deletes[#deletes + 1] = key
+          version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
+        end
       end
     end
   end
