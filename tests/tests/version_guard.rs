@@ -549,3 +549,160 @@ async fn out_of_memory_is_transient_and_writes_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A three-master Redis Cluster of private servers.
+struct PrivateCluster {
+    nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateCluster {
+    async fn start() -> anyhow::Result<Self> {
+        let dir = fleet_tests::process::scratch_dir("cluster");
+        let mut nodes = Vec::new();
+        for node in 0..3 {
+            let config_file = dir.join(format!("nodes-{node}.conf"));
+            nodes.push(
+                PrivateRedis::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    config_file.to_str().expect("UTF-8 path"),
+                    "--dir",
+                    dir.to_str().expect("UTF-8 path"),
+                ])
+                .await?,
+            );
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| n.url.trim_start_matches("redis://").to_string())
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-yes"])
+            .output()?;
+        anyhow::ensure!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes };
+        for _ in 0..200 {
+            if cluster.all_ok().await? {
+                return Ok(cluster);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the cluster did not reach cluster_state:ok")
+    }
+
+    async fn all_ok(&self) -> anyhow::Result<bool> {
+        for node in &self.nodes {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut node.connect().await?)
+                .await?;
+            if !info.contains("cluster_state:ok") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl PrivateRedis {
+    async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+}
+
+#[tokio::test]
+async fn cluster_mode_keeps_every_call_on_one_slot_of_a_real_cluster() -> anyhow::Result<()> {
+    let cluster = PrivateCluster::start().await?;
+    let guard = VersionGuard::new(Duration::from_secs(600)).with_cluster_slots(true);
+    // Keys of every kind: plain, with a hash tag, and keys sharing one tag.
+    let keys: Vec<String> = (0..60)
+        .map(|i| match i % 3 {
+            0 => format!("order:{i}"),
+            1 => format!("user:{{{i}}}:profile"),
+            _ => format!("cart:{{shared}}:{i}"),
+        })
+        .collect();
+    // Which node serves which slots: [[start, end, [host, port, id], ...], ...].
+    let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut cluster.nodes[0].connect().await?)
+        .await?;
+    let slots: Vec<(u16, u16, u16)> = ranges
+        .iter()
+        .map(|range| -> anyhow::Result<(u16, u16, u16)> {
+            let number = |v: &redis::Value| match v {
+                redis::Value::Int(n) => Ok(*n as u16),
+                other => Err(anyhow::anyhow!("not a number: {other:?}")),
+            };
+            let redis::Value::Array(master) = &range[2] else {
+                anyhow::bail!("no master in {range:?}");
+            };
+            Ok((number(&range[0])?, number(&range[1])?, number(&master[1])?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut checked = 0;
+    for node in &cluster.nodes {
+        let mut conn = node.connect().await?;
+        let port: u16 = node.url.rsplit(':').next().expect("port").parse()?;
+        // This node's keys: a plain connection may only touch slots the node owns.
+        let mut mine = Vec::new();
+        for key in &keys {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await?;
+            assert_eq!(slot, fleet::version_guard::cluster_slot(key));
+            if slots
+                .iter()
+                .any(|(start, end, owner)| (*start..=*end).contains(&slot) && *owner == port)
+            {
+                mine.push(key.clone());
+            }
+        }
+        let first: Vec<CacheWrite> = mine
+            .iter()
+            .map(|k| CacheWrite::upsert(k, "v5", Some(Version::new(5))))
+            .collect();
+        assert!(guard
+            .apply_batch(&mut conn, &first)
+            .await?
+            .iter()
+            .all(|o| *o == WriteOutcome::Applied));
+        // A stale upsert, a duplicate, a delete and an expiring upsert on the same keys.
+        let mut second = Vec::new();
+        for (i, key) in mine.iter().enumerate() {
+            second.push(match i % 4 {
+                0 => CacheWrite::upsert(key, "v4", Some(Version::new(4))),
+                1 => CacheWrite::upsert(key, "v5", Some(Version::new(5))),
+                2 => CacheWrite::delete(key, Some(Version::new(6))),
+                _ => CacheWrite::upsert(key, "v7", Some(Version::new(7)))
+                    .with_ttl(Some(Duration::from_secs(60))),
+            });
+        }
+        let outcomes = guard.apply_batch(&mut conn, &second).await?;
+        for (i, key) in mine.iter().enumerate() {
+            let value: Option<String> = conn.get(key).await?;
+            let (outcome, expected) = match i % 4 {
+                0 => (WriteOutcome::Stale, Some("v5")),
+                1 => (WriteOutcome::Duplicate, Some("v5")),
+                2 => (WriteOutcome::Applied, None),
+                _ => (WriteOutcome::Applied, Some("v7")),
+            };
+            assert_eq!(outcomes[i], outcome, "{key}");
+            assert_eq!(value.as_deref(), expected, "{key}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, keys.len(), "every key was owned by one node");
+    Ok(())
+}
