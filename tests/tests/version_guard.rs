@@ -485,9 +485,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = free_port_with_bus()?;
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
@@ -505,6 +503,19 @@ impl PrivateRedis {
         }
         anyhow::bail!("redis-server on port {port} did not start")
     }
+}
+
+/// A free port whose cluster bus port (port + 10000) is free as well.
+fn free_port_with_bus() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port pair found")
 }
 
 impl Drop for PrivateRedis {
