@@ -475,11 +475,9 @@ impl VersionGuard {
                     replies.push(None);
                 }
                 Call::Guarded(indices) => {
-                    let (check, ordered) = self.check_call(writes, indices, &tombstone_ms);
+                    let (check, ordered, stash) = self.check_call(writes, indices, &tombstone_ms);
                     pipe.add_command(check);
                     let upserts = value_writes(writes, &ordered);
-                    // The check script names its stash after the first entry of the call.
-                    let ordered_first = ordered[0];
                     replies.push(Some(ordered));
                     if !upserts.is_empty() {
                         replies.extend(upserts.iter().map(|_| None));
@@ -487,10 +485,7 @@ impl VersionGuard {
                             pipe.add_command(cmd);
                         }
                         let mut restore = redis::cmd("EVAL");
-                        restore
-                            .arg(RESTORE_SCRIPT.as_str())
-                            .arg(1)
-                            .arg(self.stash_key(&writes[ordered_first].key));
+                        restore.arg(RESTORE_SCRIPT.as_str()).arg(1).arg(stash);
                         pipe.add_command(restore);
                         replies.push(None);
                     }
@@ -507,13 +502,13 @@ impl VersionGuard {
 
     /// The check script's call, in the layout `version_guard.lua` documents: entries grouped
     /// by bucket, columns rather than rows, so the script creates few Lua strings per entry.
-    /// Returns the entries in the order of the call.
+    /// Returns the entries in the order of the call, and the call's stash list.
     fn check_call(
         &self,
         writes: &[CacheWrite],
         indices: &[usize],
         tombstone_ms: &str,
-    ) -> (Cmd, Vec<usize>) {
+    ) -> (Cmd, Vec<usize>, String) {
         let mut by_bucket: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for &index in indices {
             by_bucket
@@ -531,7 +526,8 @@ impl VersionGuard {
         for &slot in by_bucket.keys() {
             cmd.arg(bucket_name(slot));
         }
-        cmd.arg(self.stash_key(&writes[ordered[0]].key));
+        let stash = self.stash_key(&writes[ordered[0]].key);
+        cmd.arg(&stash);
         let mut ops = String::with_capacity(ordered.len());
         let mut ttls = Vec::new();
         for &index in &ordered {
@@ -558,7 +554,7 @@ impl VersionGuard {
         for ttl in ttls {
             cmd.arg(ttl);
         }
-        (cmd, ordered)
+        (cmd, ordered, stash)
     }
 }
 
@@ -578,14 +574,7 @@ fn value_writes(writes: &[CacheWrite], indices: &[usize]) -> Vec<Cmd> {
                 mset.arg(&write.key).arg(value.as_slice());
                 plain += 1;
             }
-            Some(ttl) => {
-                let mut set = redis::cmd("SET");
-                set.arg(&write.key)
-                    .arg(value.as_slice())
-                    .arg("PX")
-                    .arg(ttl_millis(ttl));
-                commands.push(set);
-            }
+            Some(_) => commands.push(set_command(write, value)),
         }
     }
     if plain > 0 {
@@ -628,20 +617,23 @@ fn ttl_millis(ttl: Duration) -> u64 {
 
 fn plain_command(write: &CacheWrite) -> Cmd {
     match &write.change {
-        Change::Upsert(value) => {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&write.key).arg(value.as_slice());
-            if let Some(ttl) = write.ttl {
-                cmd.arg("PX").arg(ttl_millis(ttl));
-            }
-            cmd
-        }
+        Change::Upsert(value) => set_command(write, value),
         Change::Delete => {
             let mut cmd = redis::cmd("DEL");
             cmd.arg(&write.key);
             cmd
         }
     }
+}
+
+/// `SET key value`, with `PX` when the write has a TTL.
+fn set_command(write: &CacheWrite, value: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(&write.key).arg(value);
+    if let Some(ttl) = write.ttl {
+        cmd.arg("PX").arg(ttl_millis(ttl));
+    }
+    cmd
 }
 
 #[derive(Debug)]

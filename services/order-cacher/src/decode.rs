@@ -153,23 +153,18 @@ impl TopicRules {
         }
     }
 
-    /// The (index key, member) pairs a stored value put into this topic's indexes whose
-    /// members are entry keys: what a delete of `cache_key` takes out of them. Indexes with a
+    /// The keys of the indexes a stored value put its entry into, among indexes whose
+    /// members are entry keys: what a delete of that entry takes it out of. Indexes with a
     /// `member_template` are left alone, since several entries may share a member there. A
     /// value the rules cannot read yields none.
-    pub fn index_members(&self, stored: &[u8], cache_key: &str) -> Vec<(String, String)> {
+    pub fn index_keys_of(&self, stored: &[u8]) -> Vec<String> {
         let Ok(payload) = parse_fields(stored, usize::MAX, &self.fields) else {
             return Vec::new();
         };
         self.indexes
             .iter()
             .filter(|index| index.members_are_entry_keys())
-            .filter_map(|index| {
-                Some((
-                    index.key_template.render(&payload).ok()?,
-                    cache_key.to_string(),
-                ))
-            })
+            .filter_map(|index| index.key_template.render(&payload).ok())
             .collect()
     }
 

@@ -448,10 +448,9 @@ impl BatchWriter {
                 .iter()
                 .zip(stored)
                 .map(|(&(write, topic), value)| {
-                    let members = value.map_or_else(Vec::new, |value| {
-                        self.rules[topic].index_members(&value, &batch.writes[write].key)
-                    });
-                    (write, members)
+                    let keys = value
+                        .map_or_else(Vec::new, |value| self.rules[topic].index_keys_of(&value));
+                    (write, keys)
                 })
                 .collect()
         };
@@ -494,12 +493,13 @@ impl BatchWriter {
     /// (applied, or applied before: a duplicate after a crash) adds its entries; ZADD is
     /// idempotent, so a replay is harmless. A delete that applied takes its key out of the
     /// indexes the deleted value was in (those whose members are entry keys): the value
-    /// stored before the batch (`removals`) and any written earlier in the same batch.
+    /// stored before the batch (`removals`: write and index keys) and any written earlier in
+    /// the same batch.
     fn index_pipeline(
         &self,
         batch: &Batch,
         outcomes: &[WriteOutcome],
-        removals: &[(usize, Vec<(String, String)>)],
+        removals: &[(usize, Vec<String>)],
     ) -> redis::Pipeline {
         let mut removals = removals.iter().peekable();
         let mut entries = batch.indexes.iter().peekable();
@@ -524,9 +524,9 @@ impl BatchWriter {
                     batch.writes[*w].key == write.key
                         && self.rules[*topic].indexes[entry.rule].members_are_entry_keys()
                 })
-                .map(|(_, _, entry)| (&entry.key, &entry.member));
-            for (key, member) in stored.iter().map(|(k, m)| (k, m)).chain(earlier) {
-                pipe.cmd("ZREM").arg(key).arg(member).ignore();
+                .map(|(_, _, entry)| &entry.key);
+            for index_key in stored.iter().chain(earlier) {
+                pipe.cmd("ZREM").arg(index_key).arg(&write.key).ignore();
             }
         }
         pipe
