@@ -17,7 +17,8 @@
 -- ARGV[3..b+2]: how many consecutive value keys belong to each bucket.
 -- ARGV[b+3..b+n+2]: versions (decimal, no leading zeros).
 -- ARGV[b+n+3..]: TTLs in milliseconds, one per "t" entry, in order.
--- Returns one character per entry: A applied, S stale (older), D duplicate (same version).
+-- Returns one character per entry: A applied, S stale (older), D duplicate (same version);
+-- an empty string when every entry applied, the common case.
 --
 -- Where a version lives: a live entry without expiry has a field in its bucket; a tombstone
 -- or an entry with a TTL has a version key (__ver:{K}) that expires, holding "<version>" or
@@ -92,17 +93,23 @@ if missing > 0 then
 end
 
 -- Decide in input order, with no side effect until every entry is known to be sound.
-local out, keep_out, kept = {}, {}, 0
+-- out[i] is set only for entries that do not apply; most batches apply everything.
+local out, not_applied, keep_out, kept = {}, 0, {}, 0
 local set_fields, del_fields = {}, {}
 local deletes, stale_version_keys = {}, {}
 -- {version key, value, ttl in ms or 0 for none}
 local version_writes = {}
 local ttl_index = first_version + n - 1
+local before_versions = first_version - 1
+-- 117 'u': with only plain upserts, no entry needs its op looked up.
+local only_plain = not find(ops, '[^u]')
+local i = 0
 for b = 1, nb do
-  local got, start = replies[b], starts[b]
+  local got = replies[b]
+  local fields, nfields = {}, 0
   for j = 1, counts[b] do
-    local i = start + j - 1
-    local op = byte(ops, i)
+    i = i + 1
+    local op = only_plain and 117 or byte(ops, i)
     local ttl
     -- 116 't', 117 'u', 100 'd'
     if op == 116 then
@@ -111,54 +118,55 @@ for b = 1, nb do
     end
     local in_field = got[j]
     local cur = in_field or key_state[i]
-    if cur and not find(cur, '^%d+$') then
+    if cur and not in_field and not find(cur, '^%d+$') then
       -- Only a version key holds a tombstone.
-      cur = (not in_field) and match(cur, '^(%d+):deleted$')
+      cur = match(cur, '^(%d+):deleted$')
       if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
     end
-    local v = ARGV[first_version + i - 1]
+    local v = ARGV[before_versions + i]
     if cur and (#v < #cur or (#v == #cur and v <= cur)) then
+      -- A bucket field is checked only when it would keep the stored entry: a newer write
+      -- replaces even a malformed field, so the common path costs no pattern match.
+      if in_field and not find(cur, '^%d+$') then
+        return refuse('malformed version state of ' .. KEYS[i])
+      end
       out[i] = (v == cur) and 'D' or 'S'
+      not_applied = not_applied + 1
       if op ~= 100 then
         kept = kept + 1
         keep_out[kept] = i
       end
-    else
-      out[i] = 'A'
-      local key = KEYS[i]
+    elseif op == 117 then
       -- An upsert's version goes to the bucket, and any version key goes away.
-      if op == 117 then
-        local f = set_fields[b]
-        if not f then f = {n = 0}; set_fields[b] = f end
-        local m = f.n
-        f[m + 1] = key
-        f[m + 2] = v
-        f.n = m + 2
-        if key_state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
+      fields[nfields + 1] = KEYS[i]
+      fields[nfields + 2] = v
+      nfields = nfields + 2
+      if key_state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
+    else
+      local key = KEYS[i]
+      if in_field then
+        local f = del_fields[b]
+        if not f then f = {}; del_fields[b] = f end
+        f[#f + 1] = key
+      end
+      local name = vk[i] or tagged('__ver:', key)
+      if op == 116 then
+        -- The version outlives an expiring value by the tombstone TTL, so a late older
+        -- message cannot bring back data older than what just expired.
+        local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
+        version_writes[#version_writes + 1] = {name, v, keep}
       else
-        if in_field then
-          local f = del_fields[b]
-          if not f then f = {}; del_fields[b] = f end
-          f[#f + 1] = key
-        end
-        local name = vk[i] or tagged('__ver:', key)
-        if op == 116 then
-          -- The version outlives an expiring value by the tombstone TTL, so a late older
-          -- message cannot bring back data older than what just expired.
-          local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
-          version_writes[#version_writes + 1] = {name, v, keep}
-        else
-          deletes[#deletes + 1] = key
-          version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
-        end
+        deletes[#deletes + 1] = key
+        version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
       end
     end
   end
+  if nfields > 0 then set_fields[b] = fields end
 end
 
 for _, i in ipairs(keep_out) do move_aside(i) end
 finish_moves()
-for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f, 1, f.n)) end
+for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f)) end
 for b, f in pairs(del_fields) do redis.call('HDEL', KEYS[n + b], unpack(f)) end
 if #stale_version_keys > 0 then redis.call('DEL', unpack(stale_version_keys)) end
 if #deletes > 0 then redis.call('DEL', unpack(deletes)) end
@@ -169,4 +177,7 @@ for _, w in ipairs(version_writes) do
     redis.call('SET', w[1], w[2], 'PX', w[3])
   end
 end
+-- An empty reply: every entry applied.
+if not_applied == 0 then return '' end
+for k = 1, n do out[k] = out[k] or 'A' end
 return table.concat(out)

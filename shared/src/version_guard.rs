@@ -593,6 +593,10 @@ fn record_outcomes(
         Value::SimpleString(s) => s.into_bytes(),
         other => return Err(GuardError::UnexpectedReply(format!("{other:?}"))),
     };
+    // An empty reply: every entry applied.
+    if codes.is_empty() {
+        return Ok(());
+    }
     if codes.len() != indices.len() {
         return Err(GuardError::UnexpectedReply(format!(
             "{} outcomes for {} entries",

@@ -272,6 +272,41 @@ async fn a_corrupt_version_state_refuses_the_whole_batch_and_changes_nothing() -
 }
 
 #[tokio::test]
+async fn a_malformed_bucket_field_refuses_a_write_it_would_block_and_yields_to_a_newer_one(
+) -> anyhow::Result<()> {
+    let mut conn = redis().await?;
+    let key = format!("{}:field", unique_name("vg"));
+    let g = guard();
+    let bucket = g.bucket_key(&key);
+    let _: () = conn.set(&key, "before").await?;
+    // Longer than any version below, so by length it looks newer than all of them.
+    let _: () = conn.hset(&bucket, &key, "not a version").await?;
+    let blocked = g
+        .upsert_if_newer(&mut conn, &key, b"after", Version::new(12), None)
+        .await
+        .unwrap_err();
+    assert!(!blocked.is_transient(), "{blocked}");
+    assert!(
+        blocked.to_string().contains("malformed version state"),
+        "{blocked}"
+    );
+    assert_eq!(conn.get::<_, String>(&key).await?, "before");
+    // A version that compares newer replaces the field and heals the entry.
+    let newer = u64::MAX;
+    assert_eq!(
+        g.upsert_if_newer(&mut conn, &key, b"after", Version::new(newer), None)
+            .await?,
+        WriteOutcome::Applied
+    );
+    assert_eq!(conn.get::<_, String>(&key).await?, "after");
+    assert_eq!(
+        g.stored_state(&mut conn, &key).await?,
+        Some(newer.to_string())
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_version_key_without_expiry_from_an_older_layout_is_honoured() -> anyhow::Result<()> {
     let mut conn = redis().await?;
     let key = format!("{}:legacy", unique_name("vg"));
