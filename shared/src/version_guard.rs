@@ -30,6 +30,15 @@ static CHECK_SCRIPT: LazyLock<String> =
 static RESTORE_SCRIPT: LazyLock<String> =
     LazyLock::new(|| script_with_common(include_str!("version_guard_restore.lua")));
 
+/// The scripts' SHA1 digests: a transaction sends a script's text with its first call and
+/// names it by digest in later calls. That first `EVAL` has cached the script by the time a
+/// later call runs, and nothing runs between the commands of a transaction, so a later
+/// `EVALSHA` cannot meet a lost script cache.
+static CHECK_SHA: LazyLock<String> =
+    LazyLock::new(|| redis::Script::new(&CHECK_SCRIPT).get_hash().to_owned());
+static RESTORE_SHA: LazyLock<String> =
+    LazyLock::new(|| redis::Script::new(&RESTORE_SCRIPT).get_hash().to_owned());
+
 /// Prefix of version keys (tombstones and versions of expiring entries).
 pub const VERSION_KEY_PREFIX: &str = "__ver:";
 /// Prefix of version buckets (versions of live entries without expiry).
@@ -105,8 +114,8 @@ fn bucket_name(slot: u16) -> String {
 }
 
 fn without_comments(script: &str) -> String {
-    // The script travels with every call (EVAL, never a missing EVALSHA inside a
-    // transaction), so only its code is sent, and the server hashes less of it.
+    // The script travels with the first call of every transaction (EVAL, never a missing
+    // EVALSHA before it), so only its code is sent, and the server hashes less of it.
     script
         .lines()
         .map(str::trim)
@@ -468,6 +477,7 @@ impl VersionGuard {
         pipe.atomic();
         let mut replies = Vec::new();
         let tombstone_ms = self.tombstone_ttl.as_millis().to_string();
+        let (mut check_sent, mut restore_sent) = (false, false);
         for call in calls {
             match call {
                 Call::Plain(index) => {
@@ -475,7 +485,9 @@ impl VersionGuard {
                     replies.push(None);
                 }
                 Call::Guarded(indices) => {
-                    let (check, ordered, stash) = self.check_call(writes, indices, &tombstone_ms);
+                    let check_script = script_call(&CHECK_SCRIPT, &CHECK_SHA, &mut check_sent);
+                    let (check, ordered, stash) =
+                        self.check_call(check_script, writes, indices, &tombstone_ms);
                     pipe.add_command(check);
                     let upserts = value_writes(writes, &ordered);
                     replies.push(Some(ordered));
@@ -484,8 +496,9 @@ impl VersionGuard {
                         for cmd in upserts {
                             pipe.add_command(cmd);
                         }
-                        let mut restore = redis::cmd("EVAL");
-                        restore.arg(RESTORE_SCRIPT.as_str()).arg(1).arg(stash);
+                        let mut restore =
+                            script_call(&RESTORE_SCRIPT, &RESTORE_SHA, &mut restore_sent);
+                        restore.arg(1).arg(stash);
                         pipe.add_command(restore);
                         replies.push(None);
                     }
@@ -505,6 +518,7 @@ impl VersionGuard {
     /// Returns the entries in the order of the call, and the call's stash list.
     fn check_call(
         &self,
+        mut cmd: Cmd,
         writes: &[CacheWrite],
         indices: &[usize],
         tombstone_ms: &str,
@@ -517,9 +531,7 @@ impl VersionGuard {
                 .push(index);
         }
         let ordered: Vec<usize> = by_bucket.values().flatten().copied().collect();
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(CHECK_SCRIPT.as_str())
-            .arg(ordered.len() + by_bucket.len() + 1);
+        cmd.arg(ordered.len() + by_bucket.len() + 1);
         for &index in &ordered {
             cmd.arg(&writes[index].key);
         }
@@ -555,6 +567,20 @@ impl VersionGuard {
             cmd.arg(ttl);
         }
         (cmd, ordered, stash)
+    }
+}
+
+/// A call of `script`: `EVAL` with its text the first time in a transaction (`sent` false),
+/// `EVALSHA` with its digest after that.
+fn script_call(script: &str, sha: &str, sent: &mut bool) -> Cmd {
+    if std::mem::replace(sent, true) {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha);
+        cmd
+    } else {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script);
+        cmd
     }
 }
 
@@ -742,6 +768,27 @@ mod tests {
             })
             .collect();
         assert_eq!(plan, vec![vec![0, 1, 3], vec![2]]);
+    }
+
+    #[test]
+    fn a_transaction_sends_each_script_text_once() {
+        let guard = VersionGuard::new(Duration::from_secs(60));
+        let writes = vec![
+            CacheWrite::upsert("a", "1", Some(Version::new(1))),
+            CacheWrite::upsert("a", "2", Some(Version::new(2))),
+            CacheWrite::upsert("a", "3", Some(Version::new(3))),
+        ];
+        let plan = guard.plan(&writes);
+        assert_eq!(plan.len(), 3, "one call per write of the repeated key");
+        let (pipe, _) = guard.transaction(&writes, &plan);
+        let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
+        assert_eq!(packed.matches(CHECK_SCRIPT.as_str()).count(), 1);
+        assert_eq!(packed.matches(RESTORE_SCRIPT.as_str()).count(), 1);
+        assert_eq!(packed.matches(CHECK_SHA.as_str()).count(), 2);
+        assert_eq!(packed.matches(RESTORE_SHA.as_str()).count(), 2);
+        let eval = packed.find("EVAL\r\n").expect("an EVAL");
+        let evalsha = packed.find("EVALSHA").expect("an EVALSHA");
+        assert!(eval < evalsha, "the text goes first");
     }
 
     #[test]

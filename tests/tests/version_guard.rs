@@ -195,6 +195,26 @@ async fn survives_a_flushed_script_cache() -> anyhow::Result<()> {
         WriteOutcome::Applied
     );
     assert_eq!(conn.get::<_, String>(&key).await?, "2");
+    // A repeated key takes several script calls in one transaction: the first sends the
+    // script text, the later ones name it by digest, right after a flush too.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let batch = vec![
+        CacheWrite::upsert(&key, "4", Some(Version::new(4))),
+        CacheWrite::upsert(&key, "3", Some(Version::new(3))),
+        CacheWrite::upsert(&key, "5", Some(Version::new(5))),
+    ];
+    assert_eq!(
+        g.apply_batch(&mut conn, &batch).await?,
+        vec![
+            WriteOutcome::Applied,
+            WriteOutcome::Stale,
+            WriteOutcome::Applied
+        ]
+    );
+    assert_eq!(conn.get::<_, String>(&key).await?, "5");
     Ok(())
 }
 
