@@ -42,11 +42,16 @@ done
 cli FLUSHDB >/dev/null
 
 c=$(median "${ceiling[@]}"); f=$(median "${floor[@]}"); g=$(median "${guarded[@]}")
+# Each round's contenders run back to back, so a round's own ratio cancels slow drifts of
+# this shared machine's speed.
+ratios=()
+for i in "${!ceiling[@]}"; do ratios+=("$(awk -v g="${guarded[$i]}" -v c="${ceiling[$i]}" 'BEGIN {printf "%.1f", 100*g/c}')"); done
 echo
 echo "batch=$BATCH clients=$CLIENTS value_size=$VALUE_SIZE writes=$WRITES keyspace=$KEYSPACE rounds=$ROUNDS"
 echo "median redis-benchmark -P $BATCH SET : $c writes/s"
 echo "median script floor (values only)    : $f writes/s"
 echo "median version-guarded pipelined     : $g writes/s"
 awk -v g="$g" -v f="$f" -v c="$c" 'BEGIN {
-  printf "script floor                         : %.0f%% of the ceiling\n", 100*f/c
-  printf "ratio                                : %.0f%% of the ceiling (target >= 50%%), %.0f%% of the script floor\n", 100*g/c, 100*g/f }'
+  printf "script floor                         : %.1f%% of the ceiling\n", 100*f/c
+  printf "ratio                                : %.1f%% of the ceiling (target >= 50%%), %.0f%% of the script floor\n", 100*g/c, 100*g/f }'
+echo "per-round ratios                     : ${ratios[*]} (median $(median "${ratios[@]}")%)"
