@@ -33,6 +33,20 @@ def produce(args):
                 raise
     p = Producer({"bootstrap.servers": BROKERS, "linger.ms": 1 if args.rate else 20,
                   "enable.idempotence": True, "queue.buffering.max.messages": 1000000})
+    if args.rate:
+        # A steady rate from the first message: connect, get the idempotent producer id and
+        # the topic's leaders first (one message to a side topic), or the first half second
+        # of messages queues in the producer and reaches the broker as one burst.
+        warmup = args.topic + ".warmup"
+        for f in admin.create_topics([NewTopic(warmup, 1, 1)]).values():
+            try:
+                f.result()
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+        p.produce(warmup, b"warm-up")
+        p.flush(30)
+        p.list_topics(args.topic, timeout=10)
     start = time.time()
     for i in range(args.count):
         if args.rate:

@@ -15,7 +15,10 @@ N=${N:-200000}
 NAIVE_N=${NAIVE_N:-20000}
 BATCH=${BATCH:-500}
 LATENCY_SECS=${LATENCY_SECS:-20}
-TIMESTAMPS=${TIMESTAMPS:-}  # --log-append-time: the broker stamps messages, so producer queueing is not counted
+# The latency topic's timestamps: by default the broker stamps each message as it appends it
+# (LogAppendTime), so the load generator's own queueing is not counted as the service's
+# latency; TIMESTAMPS= (empty) keeps the producer's timestamps.
+TIMESTAMPS=${TIMESTAMPS---log-append-time}
 PORT=19102
 source bench/lib.sh
 
