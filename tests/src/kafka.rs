@@ -48,6 +48,18 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     }
 }
 
+/// The partition count of `name`, or `None` while the cluster does not know the topic. The
+/// lookup never creates the topic (consumers do not ask for auto-creation).
+pub fn partitions_of(name: &str) -> Result<Option<usize>> {
+    let probe: BaseConsumer = client().create()?;
+    let metadata = probe.fetch_metadata(Some(name), Duration::from_secs(5))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len()))
+}
+
 /// An idempotent producer that acks from the leader quickly.
 pub fn producer() -> Result<FutureProducer> {
     Ok(client()

@@ -311,6 +311,29 @@ async fn a_surviving_replica_takes_over_the_partitions_of_a_killed_one() -> Resu
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn dead_letter_topics_are_created_before_the_first_poison_message() -> Result<()> {
+    let scenario = Scenario::new("dlq-create", 1).await?;
+    let dlq = format!("{}.dlq", scenario.topic);
+    ensure!(
+        kafka::partitions_of(&dlq)?.is_none(),
+        "{dlq} exists before the service starts"
+    );
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    wait_for(&format!("{dlq} to exist"), Duration::from_secs(30), || {
+        let dlq = dlq.clone();
+        async move { Ok(kafka::partitions_of(&dlq)?.map(|_| ())) }
+    })
+    .await?;
+    ensure!(
+        service.logs().contains("Dead-letter topic created."),
+        "{}",
+        service.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_flows_on(
 ) -> Result<()> {
     let scenario = Scenario::new("poison", 1).await?;

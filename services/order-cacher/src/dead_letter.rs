@@ -7,9 +7,12 @@ use fleet::config::KafkaConfig;
 use fleet::envelope::PayloadError;
 use fleet::Shutdown;
 use futures::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 
 /// A message that could not be used, copied out of the consumer's buffer.
 pub struct DeadLetter {
@@ -114,4 +117,88 @@ impl DeadLetterProducer {
             .map(|_| ())
             .map_err(|(e, _)| e)
     }
+}
+
+/// Creates the dead-letter topics that do not exist yet, with the cluster's default partition
+/// count and replication factor, so the first poison message has somewhere to go where brokers
+/// do not create topics on first use. Runs in the background and retries while the cluster
+/// does not answer; a topic the service may not create is reported once and left to the
+/// operator (dead letters for it wait, with backoff, until it exists).
+pub fn ensure_topics(
+    config: &KafkaConfig,
+    mut topics: Vec<String>,
+    shutdown: &Shutdown,
+) -> KafkaResult<()> {
+    topics.sort();
+    topics.dedup();
+    let admin: AdminClient<DefaultClientContext> = fleet::kafka::client_config(config).create()?;
+    let task_shutdown = shutdown.clone();
+    shutdown.spawn("dead-letter-topics", async move {
+        let options = AdminOptions::new()
+            .request_timeout(Some(Duration::from_secs(10)))
+            .operation_timeout(Some(Duration::from_secs(10)));
+        let mut delays = fleet::retry::reconnect_backoff().build();
+        while !topics.is_empty() {
+            let new: Vec<NewTopic<'_>> = topics
+                .iter()
+                // -1: the cluster's `num.partitions` and `default.replication.factor`.
+                .map(|topic| NewTopic::new(topic, -1, TopicReplication::Fixed(-1)))
+                .collect();
+            let results = tokio::select! {
+                biased;
+                _ = task_shutdown.triggered() => return,
+                results = admin.create_topics(&new, &options) => results,
+            };
+            let mut retry = Vec::new();
+            match results {
+                Ok(results) => {
+                    for result in results {
+                        match result {
+                            Ok(topic) => tracing::info!(%topic, "Dead-letter topic created."),
+                            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                            Err((topic, code)) if is_transient(code) => retry.push(topic),
+                            Err((topic, code)) => tracing::warn!(
+                                %topic,
+                                error = %code,
+                                "Dead-letter topic does not exist and cannot be created; dead \
+                                 letters for it wait until it exists."
+                            ),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "Cannot create dead-letter topics yet; retrying.");
+                    retry = topics;
+                }
+            }
+            topics = retry;
+            if topics.is_empty() {
+                return;
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+            tokio::select! {
+                biased;
+                _ = task_shutdown.triggered() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Errors of a topic creation that a later try may not meet.
+fn is_transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::NotController
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::CoordinatorLoadInProgress
+            | RDKafkaErrorCode::ThrottlingQuotaExceeded
+    )
 }

@@ -57,6 +57,15 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
     // Created before Redis is reachable, so a bad Kafka setting fails at once.
     let consumer = Arc::new(pipeline::consumer(&config, &pipeline_metrics)?);
     let dead_letters = dead_letter::DeadLetterProducer::new(&config.kafka)?;
+    dead_letter::ensure_topics(
+        &config.kafka,
+        config
+            .topics
+            .iter()
+            .map(|t| t.dead_letter_topic())
+            .collect(),
+        &shutdown,
+    )?;
     let guard = config
         .version_guard
         .version_guard(config.consumer.batch_size);
