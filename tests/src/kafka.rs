@@ -26,18 +26,9 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     for result in results {
         result.map_err(|(topic, code)| anyhow::anyhow!("create topic {topic}: {code}"))?;
     }
-    let probe: BaseConsumer = client().create()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = probe
-            .fetch_metadata(Some(name), Duration::from_secs(5))
-            .ok()
-            .and_then(|m| {
-                m.topics()
-                    .first()
-                    .map(|t| t.partitions().len() as i32 == partitions)
-            })
-            .unwrap_or(false);
+        let ready = partitions_of(name).ok().flatten() == usize::try_from(partitions).ok();
         if ready {
             return Ok(());
         }
