@@ -1,5 +1,10 @@
-//! Kafka client settings and health, through librdkafka.
+//! Kafka client settings and logging, through librdkafka.
 
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
@@ -24,6 +29,80 @@ pub fn client_config_with(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Cl
     client
 }
 
+/// The fleet's Kafka client callbacks: librdkafka's errors and logs go to `tracing` at a level
+/// that says whether the service copes with them by itself.
+///
+/// librdkafka reports an unreachable broker or a topic that does not exist yet as an error,
+/// and retries on its own; the services report such outages on `/readyz` and wait. Logging
+/// them at ERROR would page an operator for something that heals, so they are WARN. Errors
+/// that need a person (fatal client errors, failed authentication or authorization, bad TLS)
+/// stay ERROR.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FleetClientContext;
+
+impl ClientContext for FleetClientContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_client_message(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+}
+
+/// For producers built on this context directly, such as the readiness probe, which sends
+/// nothing. (`FutureProducer` wraps the context and handles deliveries itself.)
+impl ProducerContext for FleetClientContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// librdkafka's own log lines. Its error-level lines are about connections and brokers, which
+/// it retries, so they are WARN; only its critical levels are ERROR.
+pub fn log_client_message(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "librdkafka", facility, "{message}");
+        }
+        RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", facility, "{message}");
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", facility, "{message}");
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+}
+
+/// An error librdkafka reports through its error callback.
+pub fn log_client_error(error: &KafkaError, reason: &str) {
+    if needs_a_person(error) {
+        tracing::error!(target: "librdkafka", error = %error, "{reason}");
+    } else {
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+/// Errors librdkafka does not recover from by retrying.
+fn needs_a_person(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+                | RDKafkaErrorCode::InvalidArgument
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::UnsupportedSASLMechanism
+        )
+    )
+}
+
 /// The pass-through properties as `name=value` with credentials masked, for a start-up log.
 pub fn describe_properties(config: &KafkaConfig) -> String {
     config
@@ -44,6 +123,25 @@ pub fn describe_properties(config: &KafkaConfig) -> String {
 mod tests {
     use super::*;
     use crate::secret::Secret;
+
+    #[test]
+    fn outages_are_warnings_and_what_needs_a_person_is_an_error() {
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
+        ] {
+            assert!(!needs_a_person(&KafkaError::Global(code)), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(needs_a_person(&KafkaError::Global(code)), "{code:?}");
+        }
+    }
 
     #[test]
     fn properties_pass_through_and_secrets_stay_hidden() {

@@ -33,7 +33,10 @@ pub fn kafka(
 ) -> Result<(), rdkafka::error::KafkaError> {
     let status = metrics.readiness().dependency("kafka");
     tracing::info!(brokers = %config.brokers, properties = %crate::kafka::describe_properties(config), "Watching Kafka.");
-    let producer: Arc<BaseProducer> = Arc::new(crate::kafka::client_config(config).create()?);
+    let producer: Arc<BaseProducer<crate::kafka::FleetClientContext>> = Arc::new(
+        crate::kafka::client_config(config)
+            .create_with_context(crate::kafka::FleetClientContext)?,
+    );
     shutdown.spawn(
         "kafka-watch",
         crate::retry::probe_loop(

@@ -67,12 +67,12 @@ async fn every_binary_starts_with_defaults_serves_health_and_stops_on_sigterm() 
         let logs = service.logs();
         assert!(logs.contains("Shutdown requested"), "{name} logs:\n{logs}");
         assert!(logs.contains("Stopped cleanly"), "{name} logs:\n{logs}");
-        // A clean start and stop logs no error, from the service or its libraries. The one
-        // real error here: order-cacher's default topic does not exist on the test broker.
+        // A clean start and stop logs no error, from the service or its libraries. What heals
+        // by itself is a warning: here, order-cacher's default topic `orders` does not exist on
+        // the test broker, which librdkafka reports as an error.
         let errors: Vec<&str> = logs
             .lines()
             .filter(|line| line.contains("\"level\":\"ERROR\""))
-            .filter(|line| !line.contains("Subscribed topic not available: orders"))
             .collect();
         assert!(
             errors.is_empty(),

@@ -1,5 +1,7 @@
-//! The Kafka consumer's callbacks: commits on revoke, rebalance counts, lag from statistics.
+//! The Kafka consumer's callbacks: commits on revoke, rebalance counts, lag from statistics,
+//! and librdkafka's errors and logs at the fleet's levels.
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
@@ -20,6 +22,14 @@ impl OrderContext {
 }
 
 impl ClientContext for OrderContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        fleet::kafka::log_client_message(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        fleet::kafka::log_client_error(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         let lag = &self.metrics.consumer_lag;
         lag.reset();

@@ -5,10 +5,10 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use fleet::config::KafkaConfig;
 use fleet::envelope::PayloadError;
+use fleet::kafka::FleetClientContext;
 use fleet::Shutdown;
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -60,7 +60,7 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 /// Produces dead letters and waits until the broker has them.
 #[derive(Clone)]
 pub struct DeadLetterProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<FleetClientContext>,
 }
 
 impl DeadLetterProducer {
@@ -71,7 +71,7 @@ impl DeadLetterProducer {
             .set("enable.idempotence", "true")
             .set("linger.ms", "5");
         Ok(Self {
-            producer: client.create()?,
+            producer: client.create_with_context(FleetClientContext)?,
         })
     }
 
@@ -131,7 +131,8 @@ pub fn ensure_topics(
 ) -> KafkaResult<()> {
     topics.sort();
     topics.dedup();
-    let admin: AdminClient<DefaultClientContext> = fleet::kafka::client_config(config).create()?;
+    let admin: AdminClient<FleetClientContext> =
+        fleet::kafka::client_config(config).create_with_context(FleetClientContext)?;
     let task_shutdown = shutdown.clone();
     shutdown.spawn("dead-letter-topics", async move {
         let options = AdminOptions::new()
