@@ -1,23 +1,116 @@
 //! Structured logging through `tracing`.
 
-use tracing_subscriber::{fmt, EnvFilter};
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 use crate::config::LogFormat;
+
+/// Libraries that log a lost connection at ERROR although the services reconnect by
+/// themselves (and report the outage on `/readyz`). Their errors are logged as warnings, so an
+/// alert on ERROR lines does not page for an outage that heals. (librdkafka's reports go
+/// through `crate::kafka::FleetClientContext` instead.)
+const RECOVERED_BY_THE_SERVICE: [&str; 1] = ["lapin"];
 
 /// Installs the global subscriber: JSON or text lines on stderr, filtered by `RUST_LOG`
 /// (default `info`). Calling it twice is harmless, which keeps in-process tests simple.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Json => builder
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let output = match format {
+        LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(output.with_filter(filter_fn(|metadata| !is_recovered_error(metadata))))
+        .with(ErrorsAsWarnings)
+        .try_init();
+}
+
+fn is_recovered_error(metadata: &Metadata<'_>) -> bool {
+    is_recovered(*metadata.level(), metadata.target())
+}
+
+fn is_recovered(level: Level, target: &str) -> bool {
+    level == Level::ERROR
+        && RECOVERED_BY_THE_SERVICE.iter().any(|library| {
+            target
+                .strip_prefix(library)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
+
+/// Logs each of those errors again as a warning, with the same message and fields; the output
+/// layer skips the original.
+struct ErrorsAsWarnings;
+
+impl<S: Subscriber> Layer<S> for ErrorsAsWarnings {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        if !is_recovered_error(event.metadata()) {
+            return;
+        }
+        let mut fields = FieldText::default();
+        event.record(&mut fields);
+        tracing::warn!(
+            target: "lapin",
+            source = event.metadata().target(),
+            details = fields.details.trim_start(),
+            "{}",
+            fields.message
+        );
+    }
+}
+
+/// An event's message, and its other fields as `name=value` text.
+#[derive(Default)]
+struct FieldText {
+    message: String,
+    details: String,
+}
+
+impl Visit for FieldText {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            let _ = write!(self.details, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            let _ = write!(self.details, " {}={value:?}", field.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_of_the_listed_libraries_are_recovered() {
+        assert!(is_recovered(Level::ERROR, "lapin::io_loop"));
+        assert!(is_recovered(Level::ERROR, "lapin"));
+        assert!(!is_recovered(Level::WARN, "lapin::io_loop"));
+        assert!(!is_recovered(Level::ERROR, "lapinou"));
+        assert!(!is_recovered(Level::ERROR, "cache_updater::consumer"));
+    }
 }
