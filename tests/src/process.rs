@@ -243,6 +243,15 @@ impl Service {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// The JSON log lines at level ERROR so far.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.logs()
+            .lines()
+            .filter(|line| line.contains("\"level\":\"ERROR\""))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Service {

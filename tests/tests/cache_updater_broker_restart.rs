@@ -64,17 +64,14 @@ async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Res
     );
     assert_no_stale_acks(&service)?;
     // An outage the service rides out is a warning, from its libraries too.
-    let logs = service.logs();
-    let errors: Vec<&str> = logs
-        .lines()
-        .filter(|line| line.contains("\"level\":\"ERROR\""))
-        .collect();
+    let errors = service.error_lines();
     ensure!(
         errors.is_empty(),
         "errors logged for a healed outage:\n{}",
         errors.join("\n")
     );
     // lapin's own report of the lost connection is still there, as a warning.
+    let logs = service.logs();
     ensure!(
         logs.lines().any(
             |line| line.contains("\"level\":\"WARN\"") && line.contains("\"source\":\"lapin::")

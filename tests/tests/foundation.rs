@@ -70,10 +70,7 @@ async fn every_binary_starts_with_defaults_serves_health_and_stops_on_sigterm() 
         // A clean start and stop logs no error, from the service or its libraries. What heals
         // by itself is a warning: here, order-cacher's default topic `orders` does not exist on
         // the test broker, which librdkafka reports as an error.
-        let errors: Vec<&str> = logs
-            .lines()
-            .filter(|line| line.contains("\"level\":\"ERROR\""))
-            .collect();
+        let errors = service.error_lines();
         assert!(
             errors.is_empty(),
             "{name} logged errors:\n{}",
