@@ -122,8 +122,8 @@ impl DeadLetterProducer {
 /// Creates the dead-letter topics that do not exist yet, with the cluster's default partition
 /// count and replication factor, so the first poison message has somewhere to go where brokers
 /// do not create topics on first use. Runs in the background and retries while the cluster
-/// does not answer; a topic the service may not create is reported once and left to the
-/// operator (dead letters for it wait, with backoff, until it exists).
+/// does not answer; a topic the service may not create is reported and left to the operator
+/// (dead letters for it wait, with backoff, until it exists).
 pub fn ensure_topics(
     config: &KafkaConfig,
     mut topics: Vec<String>,
@@ -138,51 +138,38 @@ pub fn ensure_topics(
         let options = AdminOptions::new()
             .request_timeout(Some(Duration::from_secs(10)))
             .operation_timeout(Some(Duration::from_secs(10)));
-        let mut delays = fleet::retry::reconnect_backoff().build();
-        while !topics.is_empty() {
-            let new: Vec<NewTopic<'_>> = topics
-                .iter()
-                // -1: the cluster's `num.partitions` and `default.replication.factor`.
-                .map(|topic| NewTopic::new(topic, -1, TopicReplication::Fixed(-1)))
-                .collect();
-            let results = tokio::select! {
-                biased;
-                _ = task_shutdown.triggered() => return,
-                results = admin.create_topics(&new, &options) => results,
-            };
-            let mut retry = Vec::new();
-            match results {
-                Ok(results) => {
-                    for result in results {
-                        match result {
-                            Ok(topic) => tracing::info!(%topic, "Dead-letter topic created."),
-                            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                            Err((topic, code)) if is_transient(code) => retry.push(topic),
-                            Err((topic, code)) => tracing::warn!(
-                                %topic,
-                                error = %code,
-                                "Dead-letter topic does not exist and cannot be created; dead \
-                                 letters for it wait until it exists."
-                            ),
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "Cannot create dead-letter topics yet; retrying.");
-                    retry = topics;
+        // -1: the cluster's `num.partitions` and `default.replication.factor`.
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|topic| NewTopic::new(topic, -1, TopicReplication::Fixed(-1)))
+            .collect();
+        // Every try asks for every topic: one that exists by then answers TopicAlreadyExists.
+        let create = || async {
+            let results = admin
+                .create_topics(&new, &options)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut not_yet = Vec::new();
+            for result in results {
+                match result {
+                    Ok(topic) => tracing::info!(%topic, "Dead-letter topic created."),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) if is_transient(code) => not_yet.push(topic),
+                    Err((topic, code)) => tracing::warn!(
+                        %topic,
+                        error = %code,
+                        "Dead-letter topic does not exist and cannot be created; dead letters \
+                         for it wait until it exists."
+                    ),
                 }
             }
-            topics = retry;
-            if topics.is_empty() {
-                return;
+            if not_yet.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not created yet: {}", not_yet.join(", ")))
             }
-            let delay = delays.next().unwrap_or(Duration::from_secs(10));
-            tokio::select! {
-                biased;
-                _ = task_shutdown.triggered() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        };
+        fleet::retry::until_ok("create dead-letter topics", &task_shutdown, create).await;
     });
     Ok(())
 }
