@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::Context;
+
 pub use fault_proxy::FaultProxy;
 pub use process::{Service, ServiceBuilder};
 
@@ -56,6 +58,25 @@ pub fn deps_dir() -> PathBuf {
     std::env::var("DEPS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps"))
+}
+
+/// Restarts one of the shared brokers with `scripts/deps restart <service>`, keeping its data.
+/// Every test of the running binary sees the outage, so only a test binary of its own may
+/// call this (cargo runs test binaries one after another).
+pub fn restart_broker(service: &str) -> anyhow::Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/deps");
+    let output = std::process::Command::new(script)
+        .args(["restart", service])
+        .env("DEPS_DIR", deps_dir())
+        .output()
+        .with_context(|| format!("run scripts/deps restart {service}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "scripts/deps restart {service}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }
 
 /// A name no other test or run uses: `<label>-<pid>-<counter>-<random>`.

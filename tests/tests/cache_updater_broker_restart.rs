@@ -1,31 +1,14 @@
 //! cache-updater across a RabbitMQ restart. Its own test binary, because it restarts the broker
-//! every other test shares (`scripts/deps restart rabbitmq`, which keeps the data).
+//! every other test shares (`fleet_tests::restart_broker`).
 
 #[path = "cache_updater/support.rs"]
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use fleet_tests::amqp::Publisher;
 use support::*;
-
-fn restart_rabbitmq() -> Result<()> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/deps");
-    let output = Command::new(script)
-        .args(["restart", "rabbitmq"])
-        .env("DEPS_DIR", fleet_tests::deps_dir())
-        .output()
-        .context("run scripts/deps restart rabbitmq")?;
-    ensure!(
-        output.status.success(),
-        "scripts/deps restart rabbitmq: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Result<()> {
@@ -46,7 +29,7 @@ async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Res
         "the restart happens mid-stream"
     );
 
-    let restart = tokio::task::spawn_blocking(restart_rabbitmq);
+    let restart = tokio::task::spawn_blocking(|| fleet_tests::restart_broker("rabbitmq"));
     service.wait_readyz(503, Duration::from_secs(60)).await?;
     restart.await??;
     service.wait_ready(Duration::from_secs(90)).await?;

@@ -1,0 +1,188 @@
+//! What the order-cacher tests share: a scenario's topic, group and config, order messages,
+//! and checks of what ended up in Redis.
+// Each test binary uses a different part.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use fleet_tests::kafka::{self, Record};
+use fleet_tests::{redis, unique_name, wait_for, Service, ServiceBuilder};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use redis::AsyncCommands;
+
+pub const PARTITIONS: i32 = 3;
+pub const READY: Duration = Duration::from_secs(60);
+pub const DRAIN: Duration = Duration::from_secs(120);
+
+/// One test's topic, group and key prefix.
+pub struct Scenario {
+    pub topic: String,
+    pub group: String,
+    pub prefix: String,
+}
+
+impl Scenario {
+    pub async fn new(label: &str, partitions: i32) -> Result<Self> {
+        let scenario = Self {
+            topic: unique_name(&format!("{label}-orders")),
+            group: unique_name(&format!("{label}-group")),
+            prefix: unique_name(label),
+        };
+        kafka::create_topic(&scenario.topic, partitions).await?;
+        Ok(scenario)
+    }
+
+    /// The service's config: this scenario's topic, keys and group, version-guarded.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            r#"
+[consumer]
+group_id = "{group}"
+linger_ms = 5
+
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+
+[[topics]]
+name = "{topic}"
+key_template = "{prefix}:order:{{order_id}}"
+version_field = "version"
+{extra}
+"#,
+            group = self.group,
+            topic = self.topic,
+            prefix = self.prefix,
+        )
+    }
+
+    pub fn service(&self, extra: &str) -> ServiceBuilder {
+        ServiceBuilder::new("order-cacher")
+            .config_toml(self.config(extra))
+            .env("RUST_LOG", "info,rdkafka=warn")
+    }
+
+    pub fn key(&self, order: usize) -> String {
+        format!("{}:order:{order}", self.prefix)
+    }
+}
+
+/// An order JSON of about 300 bytes, as producers send them.
+pub fn order(id: usize, version: u64) -> Vec<u8> {
+    format!(
+        r#"{{"order_id": "{id}", "user_id": "user_{}", "amount": 299.99, "status": "paid", "version": {version}, "timestamp": "2023-01-01 10:00:00", "items": [{{"sku": "SKU-{id}-A", "qty": 1}}, {{"sku": "SKU-{id}-B", "qty": 2}}], "note": "{}"}}"#,
+        id % 97,
+        "x".repeat(90)
+    )
+    .into_bytes()
+}
+
+/// `count` messages over `orders` keys with versions 1..: every version of every order once,
+/// then random duplicates, shuffled, each on a random partition (so versions of one order
+/// arrive out of order). Returns the messages and each order's highest version.
+pub fn shuffled_orders(orders: usize, count: usize) -> (Vec<Record>, BTreeMap<usize, u64>) {
+    let mut rng = rand::rng();
+    let versions = (count * 9 / 10) / orders;
+    let mut pairs: Vec<(usize, u64)> = (0..orders)
+        .flat_map(|id| (1..=versions as u64).map(move |v| (id, v)))
+        .collect();
+    while pairs.len() < count {
+        let duplicate = pairs[rng.random_range(0..pairs.len())];
+        pairs.push(duplicate);
+    }
+    pairs.shuffle(&mut rng);
+    let highest = (0..orders).map(|id| (id, versions as u64)).collect();
+    let records = pairs
+        .into_iter()
+        .map(|(id, v)| Record::value(order(id, v)).partition(rng.random_range(0..PARTITIONS)))
+        .collect();
+    (records, highest)
+}
+
+/// Messages the service has finished with, whatever the outcome.
+pub async fn handled(service: &Service) -> Result<f64> {
+    service.metric_sum("order_cacher_messages_total").await
+}
+
+pub async fn wait_handled(service: &Service, at_least: f64, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{at_least} messages handled"), timeout, || async {
+        Ok((handled(service).await? >= at_least).then_some(()))
+    })
+    .await
+}
+
+/// Every order holds its highest version, as a reader's plain GET sees it.
+pub async fn assert_highest_versions(
+    scenario: &Scenario,
+    highest: &BTreeMap<usize, u64>,
+) -> Result<()> {
+    let mut conn = redis().await?;
+    let keys: Vec<String> = highest.keys().map(|&id| scenario.key(id)).collect();
+    let mut wrong = Vec::new();
+    for (chunk_keys, chunk) in keys
+        .chunks(500)
+        .zip(highest.iter().collect::<Vec<_>>().chunks(500))
+    {
+        let values: Vec<Option<String>> = conn.mget(chunk_keys).await?;
+        for (value, (id, expected)) in values.into_iter().zip(chunk) {
+            let version = value
+                .as_deref()
+                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+                .and_then(|v| v["version"].as_u64());
+            if version != Some(**expected) {
+                wrong.push(format!("order {id}: {version:?} != {expected}"));
+            }
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "{} keys not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    Ok(())
+}
+
+pub async fn wait_highest_versions(
+    scenario: &Scenario,
+    highest: &BTreeMap<usize, u64>,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + DRAIN;
+    loop {
+        match assert_highest_versions(scenario, highest).await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Restarts the group and checks that it resumes from its committed offsets: it handles
+/// exactly the messages after them, and every order ends at its highest version.
+pub async fn restart_and_expect_only_the_uncommitted(
+    scenario: &Scenario,
+    highest: &BTreeMap<usize, u64>,
+    produced: i64,
+    committed: i64,
+) -> Result<()> {
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    wait_highest_versions(scenario, highest).await?;
+    let remaining = (produced - committed) as f64;
+    wait_handled(&service, remaining, DRAIN).await?;
+    // Give a wrong re-read time to show up in the count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let handled = handled(&service).await?;
+    ensure!(
+        handled == remaining,
+        "the restarted group handled {handled} messages, expected exactly the {remaining} uncommitted"
+    );
+    Ok(())
+}
+
+pub async fn sample(service: &Service, sample: &str) -> Result<f64> {
+    Ok(service.metric(sample).await?.unwrap_or(0.0))
+}
