@@ -61,6 +61,10 @@ impl ProducerContext for FleetClientContext {
 /// librdkafka's own log lines. Its error-level lines are about connections and brokers, which
 /// it retries, so they are WARN; only its critical levels are ERROR.
 pub fn log_client_message(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    if is_shared_property_notice(facility, message) {
+        tracing::debug!(target: "librdkafka", facility, "{message}");
+        return;
+    }
     match level {
         RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
             tracing::error!(target: "librdkafka", facility, "{message}");
@@ -73,6 +77,16 @@ pub fn log_client_message(level: RDKafkaLogLevel, facility: &str, message: &str)
         }
         RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
     }
+}
+
+/// librdkafka's notice that a property of the other client kind is ignored ("... is a
+/// consumer property and will be ignored by this producer instance"). `kafka.properties`
+/// configures every client a service creates, consumers and producers alike, so this is
+/// expected and says nothing to act on.
+fn is_shared_property_notice(facility: &str, message: &str) -> bool {
+    facility == "CONFWARN"
+        && (message.contains("is a consumer property and will be ignored by this producer")
+            || message.contains("is a producer property and will be ignored by this consumer"))
 }
 
 /// An error librdkafka reports through its error callback.
@@ -141,6 +155,29 @@ mod tests {
         ] {
             assert!(needs_a_person(&KafkaError::Global(code)), "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_property_of_the_other_client_kind_is_not_a_warning() {
+        assert!(is_shared_property_notice(
+            "CONFWARN",
+            "[thrd:app]: Configuration property session.timeout.ms is a consumer property and \
+             will be ignored by this producer instance"
+        ));
+        assert!(is_shared_property_notice(
+            "CONFWARN",
+            "[thrd:app]: Configuration property linger.ms is a producer property and will be \
+             ignored by this consumer instance"
+        ));
+        // Other configuration warnings still reach the user.
+        assert!(!is_shared_property_notice(
+            "CONFWARN",
+            "[thrd:app]: Configuration property auto.commit.enable is deprecated"
+        ));
+        assert!(!is_shared_property_notice(
+            "FAIL",
+            "is a consumer property and will be ignored by this producer"
+        ));
     }
 
     #[test]
