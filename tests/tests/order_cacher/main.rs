@@ -72,12 +72,16 @@ async fn kill_9_mid_stream_loses_nothing_and_resumes_from_committed_offsets() ->
     let (records, highest) = shuffled_orders(400, 10_000);
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
-    // Small batches and frequent commits make a mid-stream kill likely to split a batch.
+    // Small batches and frequent commits make a mid-stream kill likely to split a batch;
+    // slow Redis writes keep the stream going long enough to kill it mid-way.
+    let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    redis.set_delay(Duration::from_millis(20));
     let mut first = ServiceBuilder::new("order-cacher")
         .config_toml(scenario.config("").replace(
             "linger_ms = 5",
             "linger_ms = 5\nbatch_size = 50\ncommit_interval_ms = 200",
         ))
+        .env("REDIS_URL", format!("redis://{}", redis.addr()))
         .spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&first, 3_000.0, DRAIN).await?;
@@ -335,12 +339,16 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
     let (records, highest) = shuffled_orders(400, 10_000);
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
+    // Slow Redis writes keep the load going when SIGTERM comes.
+    let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    redis.set_delay(Duration::from_millis(20));
     let mut first = ServiceBuilder::new("order-cacher")
         .config_toml(
             scenario
                 .config("")
                 .replace("linger_ms = 5", "linger_ms = 5\nbatch_size = 100"),
         )
+        .env("REDIS_URL", format!("redis://{}", redis.addr()))
         .spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&first, 2_000.0, DRAIN).await?;
@@ -368,6 +376,7 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
         committed >= 2_000 && handled_before_exit == Some(committed),
         "committed {committed}, handled before exit {handled_before_exit:?}"
     );
+    ensure!(committed < 10_000, "SIGTERM came mid-stream: {committed}");
 
     restart_and_expect_only_the_uncommitted(&scenario, &highest, 10_000, committed).await
 }
