@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use fleet_tests::{kafka, redis_url, socket_addr_of, FaultProxy};
+use fleet_tests::kafka;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,17 +20,8 @@ async fn a_kafka_restart_mid_stream_heals_without_loss() -> Result<()> {
 
     // Slow Redis writes keep the service working through the messages it fetched before the
     // broker went away, so it stores offsets it cannot commit until the broker is back.
-    let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    redis.set_delay(Duration::from_millis(20));
-    let mut service = scenario
-        .service("")
-        .config_toml(
-            scenario
-                .config("")
-                .replace("linger_ms = 5", "linger_ms = 5\nbatch_size = 50"),
-        )
-        .env("REDIS_URL", format!("redis://{}", redis.addr()))
-        .spawn()?;
+    let (service, redis) = scenario.slow_service("batch_size = 50").await?;
+    let mut service = service.spawn()?;
     service.wait_ready(READY).await?;
     wait_handled(&service, 1_000.0, DRAIN).await?;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use fleet_tests::kafka::{self, Record};
-use fleet_tests::{redis, redis_url, socket_addr_of, wait_for, FaultProxy, ServiceBuilder};
+use fleet_tests::{redis, redis_url, socket_addr_of, wait_for, FaultProxy};
 use rdkafka::Message;
 use redis::AsyncCommands;
 use support::*;
@@ -74,15 +74,10 @@ async fn kill_9_mid_stream_loses_nothing_and_resumes_from_committed_offsets() ->
 
     // Small batches and frequent commits make a mid-stream kill likely to split a batch;
     // slow Redis writes keep the stream going long enough to kill it mid-way.
-    let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    redis.set_delay(Duration::from_millis(20));
-    let mut first = ServiceBuilder::new("order-cacher")
-        .config_toml(scenario.config("").replace(
-            "linger_ms = 5",
-            "linger_ms = 5\nbatch_size = 50\ncommit_interval_ms = 200",
-        ))
-        .env("REDIS_URL", format!("redis://{}", redis.addr()))
-        .spawn()?;
+    let (service, _redis) = scenario
+        .slow_service("batch_size = 50\ncommit_interval_ms = 200")
+        .await?;
+    let mut first = service.spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&first, 3_000.0, DRAIN).await?;
     wait_for("an offset commit", DRAIN, || async {
@@ -340,16 +335,8 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
     // Slow Redis writes keep the load going when SIGTERM comes.
-    let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    redis.set_delay(Duration::from_millis(20));
-    let mut first = ServiceBuilder::new("order-cacher")
-        .config_toml(
-            scenario
-                .config("")
-                .replace("linger_ms = 5", "linger_ms = 5\nbatch_size = 100"),
-        )
-        .env("REDIS_URL", format!("redis://{}", redis.addr()))
-        .spawn()?;
+    let (service, _redis) = scenario.slow_service("batch_size = 100").await?;
+    let mut first = service.spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&first, 2_000.0, DRAIN).await?;
     first.sigterm()?;

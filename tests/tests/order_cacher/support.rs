@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use fleet_tests::kafka::{self, Record};
-use fleet_tests::{redis, unique_name, wait_for, Service, ServiceBuilder};
+use fleet_tests::{
+    redis, redis_url, socket_addr_of, unique_name, wait_for, FaultProxy, Service, ServiceBuilder,
+};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use redis::AsyncCommands;
@@ -63,6 +65,23 @@ version_field = "version"
         ServiceBuilder::new("order-cacher")
             .config_toml(self.config(extra))
             .env("RUST_LOG", "info,rdkafka=warn")
+    }
+
+    /// A service whose Redis writes are slowed (20 ms each way through a fault proxy), with
+    /// `consumer` added to its `[consumer]` settings: a stream of a few thousand messages then
+    /// lasts seconds, so a fault can be made to come mid-stream. Keep the proxy as long as the
+    /// service.
+    pub async fn slow_service(&self, consumer: &str) -> Result<(ServiceBuilder, FaultProxy)> {
+        let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+        redis.set_delay(Duration::from_millis(20));
+        let service = self
+            .service("")
+            .config_toml(
+                self.config("")
+                    .replace("linger_ms = 5", &format!("linger_ms = 5\n{consumer}")),
+            )
+            .env("REDIS_URL", format!("redis://{}", redis.addr()));
+        Ok((service, redis))
     }
 
     pub fn key(&self, order: usize) -> String {
