@@ -90,6 +90,17 @@ pub enum PayloadError {
 }
 
 impl PayloadError {
+    /// Every [`PayloadError::reason`], so that metrics can show each one from the start: a
+    /// counter that first appears at 1 hides its first increase from `rate()` and alerts.
+    pub const REASONS: [&'static str; 6] = [
+        "not_json",
+        "not_object",
+        "missing_field",
+        "invalid_field",
+        "invalid_version",
+        "too_large",
+    ];
+
     /// A fixed, low-cardinality name for metrics labels and dead-letter headers.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -272,6 +283,26 @@ pub fn version_field(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_listed() {
+        let errors = [
+            PayloadError::NotJson(String::new()),
+            PayloadError::NotObject,
+            PayloadError::MissingField { field: "f".into() },
+            PayloadError::InvalidField {
+                field: "f".into(),
+                reason: "r".into(),
+            },
+            PayloadError::InvalidVersion {
+                field: "f".into(),
+                source: crate::version::VersionError::Unparsable,
+            },
+            PayloadError::TooLarge { size: 2, limit: 1 },
+        ];
+        let reasons: Vec<&str> = errors.iter().map(PayloadError::reason).collect();
+        assert_eq!(reasons, PayloadError::REASONS);
+    }
 
     #[test]
     fn parse_fields_keeps_only_the_wanted_fields_and_errs_like_parse_object() {

@@ -335,3 +335,73 @@ async fn fault_proxy_delays_and_resets() -> anyhow::Result<()> {
     redis::cmd("PING").query_async::<()>(&mut fresh).await?;
     Ok(())
 }
+
+/// Every metric `deploy/alerts.yml` reads is one the services export, from the start: a rule
+/// on a misspelt or renamed metric would never fire.
+#[tokio::test]
+async fn every_metric_the_alerting_rules_read_is_exported() -> anyhow::Result<()> {
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts.yml"),
+    )?;
+    let names: std::collections::BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|token| {
+            ["order_cacher_", "cache_updater_", "process_"]
+                .iter()
+                .any(|prefix| token.starts_with(prefix))
+        })
+        .collect();
+    assert!(
+        names.len() >= 8,
+        "metric names found in the rules: {names:?}"
+    );
+
+    // order-cacher reports consumer lag per assigned partition once it has a position there,
+    // so it gets a topic of its own with one message in it.
+    let topic = unique_name("alerts-orders");
+    fleet_tests::kafka::create_topic(&topic, 1).await?;
+    fleet_tests::kafka::produce(
+        &fleet_tests::kafka::producer()?,
+        &topic,
+        &[fleet_tests::kafka::Record::value(
+            br#"{"order_id": "1", "version": 1}"#.to_vec(),
+        )],
+    )
+    .await?;
+    let order_cacher = ServiceBuilder::new("order-cacher").config_toml(format!(
+        "[consumer]\ngroup_id = \"{}\"\n[[topics]]\nname = \"{topic}\"\nkey_template = \"{}:order:{{order_id}}\"\n",
+        unique_name("alerts-group"),
+        unique_name("alerts")
+    ));
+    for (name, builder) in [
+        ("cache-updater", ServiceBuilder::new("cache-updater")),
+        ("order-cacher", order_cacher),
+    ] {
+        let mut service = builder.spawn()?;
+        service.wait_ready(READY_TIMEOUT).await?;
+        let namespace = format!("{}_", name.replace('-', "_"));
+        let wanted: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with(&namespace) || n.starts_with("process_"))
+            .map(|n| n.strip_suffix("_bucket").unwrap_or(n).to_string())
+            .collect();
+        fleet_tests::wait_for(
+            &format!("{name} to export {wanted:?}"),
+            Duration::from_secs(30),
+            || async {
+                let metrics = service.metrics().await?;
+                Ok(wanted
+                    .iter()
+                    .all(|family| metrics.contains(&format!("# TYPE {family} ")))
+                    .then_some(()))
+            },
+        )
+        .await?;
+        service.sigterm()?;
+        assert_eq!(
+            service.wait_exit(Duration::from_secs(30)).await?.code(),
+            Some(0)
+        );
+    }
+    Ok(())
+}

@@ -26,6 +26,13 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every [`Failure::reason`].
+    pub fn reasons() -> impl Iterator<Item = &'static str> {
+        PayloadError::REASONS
+            .into_iter()
+            .chain(["max_deliveries", "write_failed"])
+    }
+
     /// A fixed, low-cardinality reason for metrics and the `x-error-reason` header.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -266,6 +273,18 @@ mod tests {
             table.insert((*name).into(), value.clone());
         }
         BasicProperties::default().with_headers(table)
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let reasons: Vec<&str> = Failure::reasons().collect();
+        for failure in [
+            Failure::Poison(PayloadError::NotObject),
+            Failure::MaxDeliveries(3),
+            Failure::WriteFailed("refused".into()),
+        ] {
+            assert!(reasons.contains(&failure.reason()), "{}", failure.reason());
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use fleet::version_guard::WriteOutcome;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 
 use crate::decode::Op;
+use crate::delivery::Failure;
 
 /// How a message ended, a fixed metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,9 +70,18 @@ impl PipelineMetrics {
             "Messages handled, by op and outcome: applied, stale, duplicate, skipped_origin, dead_lettered, retried.",
             &["op", "outcome"],
         )?;
-        // Present from the start, so a dashboard sees zeros rather than gaps.
+        let dead_letters = metrics.counter_vec(
+            "dead_letters_total",
+            "Messages sent to the dead-letter queue, by reason.",
+            &["reason"],
+        )?;
+        // Present from the start, so a dashboard sees zeros rather than gaps, and `rate()` and
+        // alerts see the first dead letter (a counter that first appears at 1 hides it).
         for op in Op::ALL {
             messages.with_label_values(&[op.as_label(), "applied"]);
+        }
+        for reason in Failure::reasons() {
+            dead_letters.with_label_values(&[reason]);
         }
         Ok(Self {
             messages,
@@ -80,11 +90,7 @@ impl PipelineMetrics {
                 "Cache writes (one per message, one per warm entry), by outcome: applied, stale, duplicate.",
                 &["outcome"],
             )?,
-            dead_letters: metrics.counter_vec(
-                "dead_letters_total",
-                "Messages sent to the dead-letter queue, by reason.",
-                &["reason"],
-            )?,
+            dead_letters,
             redeliveries: metrics.counter(
                 "redeliveries_total",
                 "Deliveries the broker flagged as redelivered.",

@@ -1,6 +1,7 @@
 //! order-cacher's own metrics, registered once where the pipeline is built.
 
 use fleet::cache_writer::CacheWriterMetrics;
+use fleet::envelope::PayloadError;
 use fleet::observability::{MetricError, Metrics};
 use fleet::version_guard::WriteOutcome;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGaugeVec};
@@ -37,17 +38,30 @@ impl PipelineMetrics {
             "Messages handled, by outcome: applied, stale, duplicate, skipped_origin, dead_lettered.",
             &["outcome"],
         )?;
+        let dead_letters = metrics.counter_vec(
+            "dead_letters_total",
+            "Messages sent to a dead-letter topic, by reason.",
+            &["reason"],
+        )?;
+        let commits = metrics.counter_vec(
+            "offset_commits_total",
+            "Offset commits, by result: ok, error.",
+            &["result"],
+        )?;
+        // Present from the start at zero, so that `rate()` and alerts see the first one.
+        for reason in PayloadError::REASONS {
+            dead_letters.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            commits.with_label_values(&[result]);
+        }
         Ok(Self {
             applied: messages.with_label_values(&["applied"]),
             stale: messages.with_label_values(&["stale"]),
             duplicate: messages.with_label_values(&["duplicate"]),
             skipped_origin: messages.with_label_values(&["skipped_origin"]),
             dead_lettered: messages.with_label_values(&["dead_lettered"]),
-            dead_letters: metrics.counter_vec(
-                "dead_letters_total",
-                "Messages sent to a dead-letter topic, by reason.",
-                &["reason"],
-            )?,
+            dead_letters,
             batch_size: metrics.histogram(
                 "batch_size_messages",
                 "Messages written per Redis pipeline.",
@@ -73,11 +87,7 @@ impl PipelineMetrics {
                 "Consumer group rebalance events, by kind: assign, revoke, error.",
                 &["kind"],
             )?,
-            commits: metrics.counter_vec(
-                "offset_commits_total",
-                "Offset commits, by result: ok, error.",
-                &["result"],
-            )?,
+            commits,
             writer: CacheWriterMetrics::register(metrics)?,
         })
     }
