@@ -7,17 +7,34 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
+use fleet::observability::DependencyStatus;
+
 use crate::metrics::PipelineMetrics;
 
 /// Callbacks librdkafka runs on the thread that polls the consumer.
 pub struct OrderContext {
     metrics: PipelineMetrics,
+    /// The `kafka` readiness switch, shared with the background probe.
+    kafka: DependencyStatus,
 }
 
 impl OrderContext {
-    /// A context updating `metrics`.
-    pub fn new(metrics: PipelineMetrics) -> Self {
-        Self { metrics }
+    /// A context updating `metrics`, and marking `kafka` down when the consumer loses every
+    /// broker.
+    pub fn new(metrics: PipelineMetrics, kafka: DependencyStatus) -> Self {
+        Self { metrics, kafka }
+    }
+}
+
+impl OrderContext {
+    /// Marks Kafka down when the consumer has lost every broker. The consumer's own report
+    /// comes first: the metadata probe only notices at its next round, and a short broker
+    /// restart can fall between two rounds. The probe marks Kafka up again once a broker
+    /// answers.
+    pub fn note_error(&self, error: &KafkaError) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.kafka.set_up(false);
+        }
     }
 }
 
@@ -28,6 +45,7 @@ impl ClientContext for OrderContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         fleet::kafka::log_client_error(&error, reason);
+        self.note_error(&error);
     }
 
     fn stats(&self, statistics: Statistics) {

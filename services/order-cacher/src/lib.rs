@@ -55,7 +55,11 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
     metrics.readiness().drain_on(&shutdown);
 
     // Created before Redis is reachable, so a bad Kafka setting fails at once.
-    let consumer = Arc::new(pipeline::consumer(&config, &pipeline_metrics)?);
+    let consumer = Arc::new(pipeline::consumer(
+        &config,
+        &pipeline_metrics,
+        metrics.readiness().dependency("kafka"),
+    )?);
     let dead_letters = dead_letter::DeadLetterProducer::new(&config.kafka)?;
     dead_letter::ensure_topics(
         &config.kafka,

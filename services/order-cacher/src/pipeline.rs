@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet::cache_writer::CacheWriter;
+use fleet::observability::DependencyStatus;
 use fleet::version_guard::{Change, WriteOutcome};
 use fleet::Shutdown;
 use futures::FutureExt;
@@ -39,6 +40,7 @@ const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(1);
 pub fn consumer(
     config: &OrderCacherConfig,
     metrics: &PipelineMetrics,
+    kafka: DependencyStatus,
 ) -> KafkaResult<OrderConsumer> {
     let commit_interval = config.consumer.commit_interval_ms.to_string();
     let defaults = [
@@ -59,7 +61,7 @@ pub fn consumer(
         ("enable.partition.eof", "false"),
     ];
     fleet::kafka::client_config_with(&config.kafka, &defaults)
-        .create_with_context(OrderContext::new(metrics.clone()))
+        .create_with_context(OrderContext::new(metrics.clone(), kafka))
 }
 
 /// Messages decoded and waiting to be written together.
@@ -204,6 +206,7 @@ pub async fn run(
                             }
                         }
                         Err(e) => {
+                            consumer.context().note_error(&e);
                             tracing::warn!(error = %e, "Kafka consumer error.");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             break;
