@@ -47,6 +47,10 @@ pub fn kafka(
                 let producer = Arc::clone(&producer);
                 async move {
                     tokio::task::spawn_blocking(move || {
+                        // The probe sends nothing, but librdkafka queues its error reports
+                        // until someone polls: serve them (they are logged), or they pile up
+                        // with every outage.
+                        producer.poll(Duration::ZERO);
                         producer
                             .client()
                             .fetch_metadata(None, Duration::from_secs(3))

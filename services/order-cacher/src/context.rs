@@ -24,9 +24,7 @@ impl OrderContext {
     pub fn new(metrics: PipelineMetrics, kafka: DependencyStatus) -> Self {
         Self { metrics, kafka }
     }
-}
 
-impl OrderContext {
     /// Marks Kafka down when the consumer has lost every broker. The consumer's own report
     /// comes first: the metadata probe only notices at its next round, and a short broker
     /// restart can fall between two rounds. The probe marks Kafka up again once a broker
