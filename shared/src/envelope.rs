@@ -157,12 +157,42 @@ pub fn parse_fields(
     max_bytes: usize,
     wanted: &[String],
 ) -> Result<Map<String, Value>, PayloadError> {
+    parse_sparse(body, max_bytes, Some(wanted), &[]).map(|object| object.fields)
+}
+
+/// A JSON object read in one pass by [`parse_object_keeping_raw`].
+#[derive(Debug)]
+pub struct ObjectWithRaw<'a> {
+    /// Every top-level field except the raw ones.
+    pub fields: Map<String, Value>,
+    /// The raw fields' JSON text, byte for byte, in the order they were asked for; `None`
+    /// where the object lacks one.
+    pub raw: Vec<Option<&'a RawValue>>,
+}
+
+/// Parses an object like [`parse_object`], but keeps the top-level fields named in `raw` as
+/// their JSON text instead of building values from them: for a message that carries a value
+/// to store as it is, this reads the message once.
+pub fn parse_object_keeping_raw<'a>(
+    body: &'a [u8],
+    max_bytes: usize,
+    raw: &[&str],
+) -> Result<ObjectWithRaw<'a>, PayloadError> {
+    parse_sparse(body, max_bytes, None, raw)
+}
+
+fn parse_sparse<'a>(
+    body: &'a [u8],
+    max_bytes: usize,
+    wanted: Option<&[String]>,
+    raw: &[&str],
+) -> Result<ObjectWithRaw<'a>, PayloadError> {
     check_size(body, max_bytes)?;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields(wanted), &mut de)
+    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields { wanted, raw }, &mut de)
         .and_then(|object| de.end().map(|()| object));
     match parsed {
-        Ok(Some(map)) => Ok(map),
+        Ok(Some(object)) => Ok(object),
         Ok(None) => Err(PayloadError::NotObject),
         Err(e) => Err(PayloadError::NotJson(e.to_string())),
     }
@@ -173,14 +203,21 @@ mod sparse {
     use std::fmt;
 
     use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-    use serde_json::{Map, Value};
+    use serde_json::value::RawValue;
+    use serde_json::Map;
 
-    /// A top-level JSON value: `Some` object with only the wanted fields, `None` for any
-    /// other type.
-    pub(super) struct Fields<'w>(pub(super) &'w [String]);
+    use super::ObjectWithRaw;
+
+    /// A top-level JSON value: `Some` object, `None` for any other type. Fields named in
+    /// `raw` are kept as text; of the others, only those in `wanted` are kept (all of them
+    /// when `wanted` is `None`).
+    pub(super) struct Fields<'w> {
+        pub(super) wanted: Option<&'w [String]>,
+        pub(super) raw: &'w [&'w str],
+    }
 
     impl<'de> DeserializeSeed<'de> for Fields<'_> {
-        type Value = Option<Map<String, Value>>;
+        type Value = Option<ObjectWithRaw<'de>>;
 
         fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
             de.deserialize_any(self)
@@ -188,22 +225,28 @@ mod sparse {
     }
 
     impl<'de> Visitor<'de> for Fields<'_> {
-        type Value = Option<Map<String, Value>>;
+        type Value = Option<ObjectWithRaw<'de>>;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a JSON value")
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out = Map::new();
+            let mut fields = Map::new();
+            let mut raw = vec![None; self.raw.len()];
             while let Some(Key(key)) = map.next_key()? {
-                if self.0.iter().any(|wanted| *wanted == *key) {
-                    out.insert(key.into_owned(), map.next_value()?);
+                if let Some(i) = self.raw.iter().position(|name| **name == *key) {
+                    raw[i] = Some(map.next_value::<&'de RawValue>()?);
+                } else if self
+                    .wanted
+                    .is_none_or(|wanted| wanted.iter().any(|name| *name == *key))
+                {
+                    fields.insert(key.into_owned(), map.next_value()?);
                 } else {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-            Ok(Some(out))
+            Ok(Some(ObjectWithRaw { fields, raw }))
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -302,6 +345,34 @@ mod tests {
         ];
         let reasons: Vec<&str> = errors.iter().map(PayloadError::reason).collect();
         assert_eq!(reasons, PayloadError::REASONS);
+    }
+
+    #[test]
+    fn parse_object_keeping_raw_reads_every_field_once() {
+        let body = br#"{"a": 1, "v": {"x": [1, 2]}, "b": "s", "v": [ 3 ], "n": null}"#;
+        let object = parse_object_keeping_raw(body, 1024, &["v", "w"]).unwrap();
+        let full = parse_object(body, 1024).unwrap();
+        // The last of duplicate fields wins, as in parse_object.
+        assert_eq!(object.raw[0].map(RawValue::get), Some("[ 3 ]"));
+        assert!(object.raw[1].is_none());
+        assert_eq!(object.fields.len(), 3);
+        for name in ["a", "b", "n"] {
+            assert_eq!(object.fields[name], full[name]);
+        }
+        for bad in [&b"[1]"[..], b"7", b"null"] {
+            assert!(matches!(
+                parse_object_keeping_raw(bad, 1024, &["v"]),
+                Err(PayloadError::NotObject)
+            ));
+        }
+        assert!(matches!(
+            parse_object_keeping_raw(br#"{"v": [1,}"#, 1024, &["v"]),
+            Err(PayloadError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse_object_keeping_raw(br#"{"v": 1} x"#, 1024, &["v"]),
+            Err(PayloadError::NotJson(_))
+        ));
     }
 
     #[test]

@@ -7,11 +7,10 @@
 
 use std::time::Duration;
 
-use fleet::envelope::{parse_object, version_field, PayloadError};
+use fleet::envelope::{parse_object_keeping_raw, version_field, PayloadError};
 use fleet::key_template::json_kind;
 use fleet::mapping::{EntityMapping, OriginMarker};
 use fleet::version_guard::CacheWrite;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -92,20 +91,9 @@ pub struct QueueRules {
     max_message_bytes: usize,
 }
 
-/// The raw JSON text of values, kept byte for byte as they arrived.
-#[derive(Deserialize)]
-struct RawValues<'a> {
-    #[serde(borrow, default)]
-    value: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    entries: Option<Vec<RawEntry<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct RawEntry<'a> {
-    #[serde(borrow, default)]
-    value: Option<&'a RawValue>,
-}
+/// Fields read as raw JSON text, in one pass with the rest: an envelope stores its `value`
+/// byte for byte as it arrived, and `entries` holds the values of a `warm`.
+const RAW_FIELDS: [&str; 2] = ["value", "entries"];
 
 const ENVELOPE_FIELDS: [&str; 8] = [
     "op", "key", "value", "version", "ttl_secs", "entries", "source", "ts",
@@ -140,7 +128,8 @@ impl QueueRules {
     }
 
     fn decode_body(&self, body: &[u8]) -> Result<Decoded, PayloadError> {
-        let payload = parse_object(body, self.max_message_bytes)?;
+        let object = parse_object_keeping_raw(body, self.max_message_bytes, &RAW_FIELDS)?;
+        let (mut payload, [value, entries]) = (object.fields, raw_pair(object.raw));
         let op = match payload.get("op") {
             None => None,
             Some(Value::String(name)) => {
@@ -156,10 +145,16 @@ impl QueueRules {
                 })
             }
         };
-        if self.origin.matches_payload(&payload) {
-            return Ok(Decoded::SkippedOrigin(op.unwrap_or(Op::Entity)));
-        }
         let Some(op) = op else {
+            // A plain entity: its template and version may name any field, raw ones included.
+            for (name, raw) in RAW_FIELDS.iter().zip([value, entries]) {
+                if let Some(raw) = raw {
+                    payload.insert((*name).to_string(), parse_raw(raw)?);
+                }
+            }
+            if self.origin.matches_payload(&payload) {
+                return Ok(Decoded::SkippedOrigin(Op::Entity));
+            }
             let mapping = self
                 .mapping
                 .as_ref()
@@ -172,14 +167,54 @@ impl QueueRules {
                 event_ms: None,
             });
         };
-        envelope(op, &payload, body)
+        if self.marked_by_origin(&payload, value, entries)? {
+            return Ok(Decoded::SkippedOrigin(op));
+        }
+        envelope(op, &payload, value, entries)
+    }
+
+    /// The origin check of an envelope, whose raw fields are not in `payload`.
+    fn marked_by_origin(
+        &self,
+        payload: &Map<String, Value>,
+        value: Option<&RawValue>,
+        entries: Option<&RawValue>,
+    ) -> Result<bool, PayloadError> {
+        let raw = match self.origin.field.as_str() {
+            "value" => value,
+            "entries" => entries,
+            _ => return Ok(self.origin.matches_payload(payload)),
+        };
+        Ok(self.origin.enabled
+            && matches!(raw.map(parse_raw).transpose()?, Some(Value::String(s)) if s == self.origin.value))
     }
 }
 
-fn envelope(op: Op, payload: &Map<String, Value>, body: &[u8]) -> Result<Decoded, PayloadError> {
+fn raw_pair(raw: Vec<Option<&RawValue>>) -> [Option<&RawValue>; 2] {
+    [
+        raw.first().copied().flatten(),
+        raw.get(1).copied().flatten(),
+    ]
+}
+
+/// Raw JSON text as a value. The text was checked as JSON when it was read, so this fails
+/// only if that parse and this one disagree.
+fn parse_raw(raw: &RawValue) -> Result<Value, PayloadError> {
+    serde_json::from_str(raw.get()).map_err(|e| PayloadError::NotJson(e.to_string()))
+}
+
+/// A raw field that is present and not `null`: a `null` value counts as missing.
+fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|raw| raw.get() != "null")
+}
+
+fn envelope(
+    op: Op,
+    payload: &Map<String, Value>,
+    value: Option<&RawValue>,
+    entries: Option<&RawValue>,
+) -> Result<Decoded, PayloadError> {
     only_known_fields(payload, &ENVELOPE_FIELDS, "")?;
-    let raw: RawValues<'_> =
-        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
     let ttl_secs = ttl(payload, "ttl_secs")?;
     let event_ms = match payload.get("ts") {
         None | Some(Value::Null) => None,
@@ -192,13 +227,13 @@ fn envelope(op: Op, payload: &Map<String, Value>, body: &[u8]) -> Result<Decoded
         }
     };
     let writes = match op {
-        Op::Warm => warm_entries(payload, raw.entries.unwrap_or_default(), ttl_secs)?,
+        Op::Warm => warm_entries(present(entries), ttl_secs)?,
         _ => {
             let key = key(payload, "key")?;
             let version = version_field(payload, "version")?;
             vec![match op {
                 Op::Upsert => {
-                    let value = raw.value.ok_or_else(|| PayloadError::MissingField {
+                    let value = present(value).ok_or_else(|| PayloadError::MissingField {
                         field: "value".into(),
                     })?;
                     CacheWrite::upsert(key, value.get().as_bytes(), version)
@@ -219,52 +254,56 @@ fn envelope(op: Op, payload: &Map<String, Value>, body: &[u8]) -> Result<Decoded
 }
 
 fn warm_entries(
-    payload: &Map<String, Value>,
-    raw: Vec<RawEntry<'_>>,
+    entries: Option<&RawValue>,
     default_ttl: Option<u64>,
 ) -> Result<Vec<CacheWrite>, PayloadError> {
-    let entries = match payload.get("entries") {
-        Some(Value::Array(entries)) if !entries.is_empty() => entries,
-        Some(Value::Array(_)) => {
-            return Err(PayloadError::InvalidField {
-                field: "entries".into(),
-                reason: "must not be empty".into(),
-            })
-        }
-        None | Some(Value::Null) => {
-            return Err(PayloadError::MissingField {
-                field: "entries".into(),
-            })
-        }
-        Some(other) => {
-            return Err(PayloadError::InvalidField {
-                field: "entries".into(),
-                reason: format!("must be an array, found {}", json_kind(other)),
-            })
-        }
+    let Some(entries) = entries else {
+        return Err(PayloadError::MissingField {
+            field: "entries".into(),
+        });
     };
+    let Ok(entries) = serde_json::from_str::<Vec<&RawValue>>(entries.get()) else {
+        return Err(PayloadError::InvalidField {
+            field: "entries".into(),
+            reason: format!(
+                "must be an array, found {}",
+                json_kind(&parse_raw(entries)?)
+            ),
+        });
+    };
+    if entries.is_empty() {
+        return Err(PayloadError::InvalidField {
+            field: "entries".into(),
+            reason: "must not be empty".into(),
+        });
+    }
     let mut writes = Vec::with_capacity(entries.len());
-    for (i, (entry, raw)) in entries.iter().zip(raw).enumerate() {
+    for (i, entry) in entries.into_iter().enumerate() {
         let field = |name: &str| format!("entries[{i}].{name}");
-        let Value::Object(entry) = entry else {
-            return Err(PayloadError::InvalidField {
-                field: format!("entries[{i}]"),
-                reason: format!("must be an object, found {}", json_kind(entry)),
-            });
+        let entry = match parse_object_keeping_raw(entry.get().as_bytes(), usize::MAX, &["value"]) {
+            Ok(entry) => entry,
+            Err(PayloadError::NotObject) => {
+                return Err(PayloadError::InvalidField {
+                    field: format!("entries[{i}]"),
+                    reason: format!("must be an object, found {}", json_kind(&parse_raw(entry)?)),
+                })
+            }
+            Err(e) => return Err(e),
         };
-        only_known_fields(entry, &ENTRY_FIELDS, &format!("entries[{i}]."))?;
-        let key = key(entry, &field("key"))?;
-        let value = raw.value.ok_or_else(|| PayloadError::MissingField {
+        let (value, entry) = (present(raw_pair(entry.raw)[0]), entry.fields);
+        only_known_fields(&entry, &ENTRY_FIELDS, &format!("entries[{i}]."))?;
+        let key = key(&entry, &field("key"))?;
+        let value = value.ok_or_else(|| PayloadError::MissingField {
             field: field("value"),
         })?;
-        let version = version_field(entry, "version").map_err(|e| match e {
+        let version = version_field(&entry, "version").map_err(|e| match e {
             PayloadError::InvalidVersion { source, .. } => PayloadError::InvalidVersion {
                 field: field("version"),
                 source,
             },
             other => other,
         })?;
-        let ttl_secs = ttl(entry, &field("ttl_secs"))?.or(default_ttl);
+        let ttl_secs = ttl(&entry, &field("ttl_secs"))?.or(default_ttl);
         writes.push(
             CacheWrite::upsert(key, value.get().as_bytes(), version)
                 .with_ttl(ttl_secs.map(Duration::from_secs)),
@@ -444,5 +483,62 @@ mod tests {
             "missing_field"
         );
         assert_eq!(reason(&[b' '; 5000]), "too_large");
+    }
+
+    #[test]
+    fn raw_fields_read_in_one_pass_keep_their_meaning() {
+        let r = rules(None, None);
+        let reason = |body: &[u8]| match r.decode(body, None) {
+            Decoded::Poison(e) => e.to_string(),
+            other => panic!("{other:?}"),
+        };
+        // A null value is a missing one, as a write of the text `null` would not be wanted.
+        assert!(reason(br#"{"op":"upsert","key":"k","value":null}"#).contains("value"));
+        assert!(reason(br#"{"op":"warm","entries":null}"#).contains("entries"));
+        assert!(reason(br#"{"op":"warm","entries":{"a":1}}"#).contains("must be an array"));
+        assert!(reason(br#"{"op":"warm","entries":[1]}"#).contains("entries[0]"));
+        assert!(
+            reason(br#"{"op":"warm","entries":[{"key":"a","value":1,"entries":[]}]}"#)
+                .contains("entries[0].entries")
+        );
+        // Escapes and whitespace inside a value are stored exactly as sent.
+        let (_, w) = writes(r.decode(
+            br#"{"value" : {"s": "a\"b\u00e9", "n": [1, 2 ]}, "key":"k","op":"upsert"}"#,
+            None,
+        ));
+        assert_eq!(
+            w[0].change,
+            Change::Upsert(br#"{"s": "a\"b\u00e9", "n": [1, 2 ]}"#.to_vec())
+        );
+        // A plain entity sees every field, those read as raw text too.
+        let entity = rules(Some("p:{value}"), Some("entries"));
+        let (op, w) = writes(entity.decode(br#"{"value": "x", "entries": 4}"#, None));
+        assert_eq!(op, Op::Entity);
+        assert_eq!(w[0].key, "p:x");
+        assert_eq!(w[0].version, Some(Version::new(4)));
+    }
+
+    #[test]
+    fn an_origin_marker_may_name_a_raw_field() {
+        let config = QueueConfig {
+            name: "q".into(),
+            routing_keys: None,
+            key_template: None,
+            version_field: None,
+            ttl_secs: None,
+        };
+        let origin = OriginMarker {
+            field: "value".into(),
+            ..OriginMarker::default()
+        };
+        let r = QueueRules::new(&config, &origin, 4096);
+        assert_eq!(
+            r.decode(br#"{"op":"upsert","key":"k","value":"redis"}"#, None),
+            Decoded::SkippedOrigin(Op::Upsert)
+        );
+        assert!(matches!(
+            r.decode(br#"{"op":"upsert","key":"k","value":"other"}"#, None),
+            Decoded::Write { .. }
+        ));
     }
 }
