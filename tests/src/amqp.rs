@@ -205,6 +205,22 @@ pub async fn depth(queue: &str) -> Result<u32> {
     Ok(declared.message_count())
 }
 
+/// Declares a queue the way a producer written from the tutorials does: not durable, and no
+/// arguments (so no dead-letter exchange).
+pub async fn declare_plain_queue(queue: &str) -> Result<()> {
+    let conn = connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
 /// Deletes queues and exchanges a test declared, ignoring ones that are gone.
 pub async fn delete(queues: &[&str], exchanges: &[&str]) -> Result<()> {
     let conn = connect().await?;

@@ -115,6 +115,17 @@ pub struct QueueConfig {
     /// Expiry of entries written from plain entity messages, in seconds.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// Declare the queue (durable, with the dead-letter exchange as its `x-dead-letter-exchange`)
+    /// and bind it. `false` consumes a queue that already exists as it is, such as one a
+    /// producer declared with other arguments: it is neither declared nor bound, and a dead
+    /// letter the broker does not confirm is requeued rather than rejected, since the queue
+    /// may have no dead-letter exchange of its own.
+    #[serde(default = "default_declare")]
+    pub declare: bool,
+}
+
+fn default_declare() -> bool {
+    true
 }
 
 impl QueueConfig {
@@ -142,6 +153,7 @@ fn default_queues() -> Vec<QueueConfig> {
         key_template: None,
         version_field: None,
         ttl_secs: None,
+        declare: true,
     }]
 }
 

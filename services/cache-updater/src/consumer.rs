@@ -10,6 +10,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::mpsc;
@@ -40,6 +41,33 @@ enum EpochError {
     /// A consumer task died.
     #[error("a queue consumer task failed: {0}")]
     Task(String),
+    /// The broker refused to declare a queue, or a queue consumed as it is does not exist.
+    #[error("queue `{queue}`: {source}")]
+    Queue { queue: String, source: lapin::Error },
+}
+
+impl EpochError {
+    /// What an operator should do about an error that retrying alone does not fix.
+    fn hint(&self) -> Option<&'static str> {
+        let EpochError::Queue { source, .. } = self else {
+            return None;
+        };
+        let lapin::ErrorKind::ProtocolError(error) = source.kind() else {
+            return None;
+        };
+        match error.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Some(
+                "A queue exists with other arguments than cache-updater declares. Delete it so \
+                 that it is declared as configured, or set `declare = false` on that queue to \
+                 consume it as it is. Retrying.",
+            ),
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Some(
+                "A queue set to be consumed as it is (`declare = false`) does not exist. Create \
+                 it, or let cache-updater declare it. Retrying.",
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// How often an idle consumer checks that its publishing channel is open.
@@ -121,7 +149,13 @@ pub async fn run(
                     delays = fleet::retry::reconnect_backoff().build();
                 }
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "RabbitMQ connection lost; reconnecting.");
+                let retry_in_ms = delay.as_millis() as u64;
+                match e.hint() {
+                    Some(hint) => tracing::error!(error = %e, retry_in_ms, "{hint}"),
+                    None => {
+                        tracing::warn!(error = %e, retry_in_ms, "RabbitMQ connection lost; reconnecting.")
+                    }
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.triggered() => break,
@@ -202,6 +236,7 @@ impl Epoch<'_> {
                 acks,
                 publisher: publisher.clone(),
                 dead_letter_exchange: self.config.topology.dead_letter_exchange.clone(),
+                queue_dead_letters: queue.declare,
                 metrics: self.metrics.clone(),
             });
             let worker = QueueConsumer {
@@ -251,7 +286,7 @@ async fn declare(
     channel: &Channel,
     topology: &TopologyConfig,
     config: &CacheUpdaterConfig,
-) -> Result<(), lapin::Error> {
+) -> Result<(), EpochError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -305,6 +340,22 @@ async fn declare(
         )
         .await?;
     for queue in &config.queues {
+        let refused = |source| EpochError::Queue {
+            queue: queue.name.clone(),
+            source,
+        };
+        if !queue.declare {
+            // Consumed as it is: only check that it exists.
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.name.as_str().into(), passive, FieldTable::default())
+                .await
+                .map_err(refused)?;
+            continue;
+        }
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -320,7 +371,8 @@ async fn declare(
         }
         channel
             .queue_declare(queue.name.as_str().into(), queue_options, args)
-            .await?;
+            .await
+            .map_err(refused)?;
         if topology.exchange.is_empty() {
             continue;
         }

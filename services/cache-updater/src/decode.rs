@@ -365,6 +365,7 @@ mod tests {
             key_template: template.map(|t| KeyTemplate::parse(t).unwrap()),
             version_field: version_field.map(str::to_string),
             ttl_secs: None,
+            declare: true,
         };
         QueueRules::new(&config, &OriginMarker::default(), 4096)
     }
@@ -526,6 +527,7 @@ mod tests {
             key_template: None,
             version_field: None,
             ttl_secs: None,
+            declare: true,
         };
         let origin = OriginMarker {
             field: "value".into(),

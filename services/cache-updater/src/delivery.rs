@@ -61,6 +61,9 @@ pub struct Link {
     pub publisher: Channel,
     /// The dead-letter exchange.
     pub dead_letter_exchange: String,
+    /// Whether the queue dead-letters a rejected message itself: it does when this service
+    /// declared it, with the dead-letter exchange as its `x-dead-letter-exchange`.
+    pub queue_dead_letters: bool,
     /// The pipeline's metrics.
     pub metrics: PipelineMetrics,
 }
@@ -126,8 +129,11 @@ impl Delivery {
     }
 
     /// Publishes the message to the dead-letter exchange with why it was refused, then acks
-    /// it. If the broker does not confirm the copy, the message is rejected instead, and the
-    /// queue's own dead-lettering takes it to the same place.
+    /// it. If the broker refuses the copy, the message is rejected instead, and the queue's
+    /// own dead-lettering takes it to the same place; a queue consumed as it is may have none,
+    /// so there it is requeued. If the copy could not be sent at all (the channel closed, as
+    /// it does on a publish to a missing exchange), the message is requeued, and dead-lettered
+    /// on a later delivery, after the reconnect that follows.
     pub async fn dead_letter(&self, failure: &Failure) {
         let link = &self.link;
         self.warn(failure, "Message dead-lettered.");
@@ -143,7 +149,12 @@ impl Delivery {
             "x-original-routing-key".into(),
             long(self.routing_key.as_str()),
         );
-        self.copy_then_ack(&link.dead_letter_exchange, headers, Settlement::Reject)
+        let refused = if link.queue_dead_letters {
+            Settlement::Reject
+        } else {
+            Settlement::Requeue
+        };
+        self.copy_then_ack(&link.dead_letter_exchange, headers, refused)
             .await;
     }
 
@@ -177,17 +188,18 @@ impl Delivery {
     }
 
     /// Publishes a copy with `headers` (routed by the queue's name), and acks the original
-    /// once the broker confirmed the copy; settles it with `otherwise` if it did not.
-    async fn copy_then_ack(&self, exchange: &str, headers: FieldTable, otherwise: Settlement) {
-        let confirmed = self.publish(exchange, &self.link.queue, headers).await;
-        self.settle(if confirmed {
-            Settlement::Ack
-        } else {
-            otherwise
-        });
+    /// once the broker confirmed the copy. Settles it with `refused` if the broker refused the
+    /// copy, and requeues it if the copy could not be published.
+    async fn copy_then_ack(&self, exchange: &str, headers: FieldTable, refused: Settlement) {
+        let settlement = match self.publish(exchange, &self.link.queue, headers).await {
+            Copy::Confirmed => Settlement::Ack,
+            Copy::Refused => refused,
+            Copy::Failed => Settlement::Requeue,
+        };
+        self.settle(settlement);
     }
 
-    async fn publish(&self, exchange: &str, routing_key: &str, headers: FieldTable) -> bool {
+    async fn publish(&self, exchange: &str, routing_key: &str, headers: FieldTable) -> Copy {
         let properties = self
             .properties
             .clone()
@@ -209,17 +221,27 @@ impl Delivery {
             Err(e) => Err(e),
         };
         match confirmed {
-            Ok(true) => true,
+            Ok(true) => Copy::Confirmed,
             Ok(false) => {
                 tracing::warn!(exchange, "Broker refused a republished message.");
-                false
+                Copy::Refused
             }
             Err(e) => {
                 tracing::warn!(exchange, error = %e, "Republishing a message failed.");
-                false
+                Copy::Failed
             }
         }
     }
+}
+
+/// How publishing a copy of a delivery ended.
+enum Copy {
+    /// The broker confirmed it.
+    Confirmed,
+    /// The broker nacked it.
+    Refused,
+    /// It was not published: the channel or connection failed.
+    Failed,
 }
 
 fn long(text: &str) -> AMQPValue {

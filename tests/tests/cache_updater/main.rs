@@ -638,7 +638,8 @@ async fn a_deleted_dead_letter_exchange_is_declared_again_after_a_reconnect() ->
     amqp::delete(&[], &[&s.dead_letter_exchange]).await?;
     let publisher = Publisher::new().await?;
     // Dead-lettering into the missing exchange closes the publishing channel; the service
-    // reconnects, declares its topology again, and later poison reaches the DLQ.
+    // requeues that message, reconnects, declares its topology again, and then both poison
+    // messages reach the DLQ.
     publisher
         .publish(
             &s.exchange,
@@ -661,13 +662,103 @@ async fn a_deleted_dead_letter_exchange_is_declared_again_after_a_reconnect() ->
             ],
         )
         .await?;
-    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
-    ensure!(letters[0].header("trace-id") == Some("second"));
-    ensure!(letters[0].header("x-error-reason") == Some("not_json"));
+    let letters = amqp::read(&s.dead_letter_queue, 2, DRAIN).await?;
+    let mut bodies: Vec<&[u8]> = letters.iter().map(|l| l.body.as_slice()).collect();
+    bodies.sort();
+    ensure!(
+        bodies == [&b"first poison"[..], b"second poison"],
+        "{letters:?}"
+    );
+    ensure!(letters
+        .iter()
+        .all(|l| l.header("x-error-reason") == Some("not_json")));
     wait_queue_drained(&s.queue, &[&service]).await?;
     let value: Option<String> = redis().await?.get(s.key("after")).await?;
     ensure!(value.is_some(), "messages flow after the reconnect");
     assert_no_stale_acks(&service)?;
+    stop(&mut service).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_declared_elsewhere_is_named_when_it_conflicts_and_consumed_as_it_is_with_declare_false(
+) -> Result<()> {
+    let s = Scenario::new("cu-as-is");
+    amqp::declare_plain_queue(&s.queue).await?;
+
+    // Declaring it as configured (durable, with a dead-letter exchange) is refused by the
+    // broker: the replica stays not ready and says what to do, in an ERROR line.
+    let mut refused = s.service("prefetch = 10").spawn()?;
+    wait_for("the refusal to be explained", READY, || async {
+        Ok(refused
+            .error_lines()
+            .iter()
+            .any(|line| line.contains(&s.queue) && line.contains("declare = false"))
+            .then_some(()))
+    })
+    .await?;
+    let (status, body) = refused.get("/readyz").await?;
+    ensure!(status == 503, "{status}: {body}");
+    stop(&mut refused).await?;
+
+    // Consumed as it is: messages sent straight to the queue (the default exchange) are
+    // written, and poison still reaches the dead-letter queue with its reason.
+    let config = s.config("prefetch = 10") + "declare = false\n";
+    let mut service = fleet_tests::ServiceBuilder::new("cache-updater")
+        .config_toml(config)
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let product = r#"{"product_id": 9, "name": "Nine", "version": 2}"#;
+    Publisher::new()
+        .await?
+        .publish(
+            "",
+            &s.queue,
+            &[
+                upsert(&s.key("a"), 3),
+                Message::body("not json"),
+                Message::body(product),
+            ],
+        )
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(letters[0].header("x-error-reason") == Some("not_json"));
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let mut conn = redis().await?;
+    let a: Option<String> = conn.get(s.key("a")).await?;
+    ensure!(
+        a.is_some_and(|v| v.contains(r#""v":3"#)),
+        "envelope written"
+    );
+    let nine: Option<String> = conn.get(s.key("product:9")).await?;
+    ensure!(nine.as_deref() == Some(product), "entity written: {nine:?}");
+    ensure!(
+        service.error_lines().is_empty(),
+        "{:?}",
+        service.error_lines()
+    );
+
+    // This queue has no dead-letter exchange of its own, so a dead letter the broker does
+    // not take is requeued, not rejected (which would drop it): with the dead-letter exchange
+    // gone, the copy fails and the service reconnects; the message comes back and reaches
+    // the dead-letter queue once the exchange is declared again.
+    amqp::delete(&[], &[&s.dead_letter_exchange]).await?;
+    Publisher::new()
+        .await?
+        .publish(
+            "",
+            &s.queue,
+            &[Message::body("poison while the exchange is gone")],
+        )
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(
+        letters[0].body == b"poison while the exchange is gone",
+        "{letters:?}"
+    );
+    ensure!(sample(&service, "cache_updater_amqp_reconnects_total").await? >= 1.0);
+    wait_queue_drained(&s.queue, &[&service]).await?;
     stop(&mut service).await?;
     s.cleanup().await;
     Ok(())
