@@ -377,6 +377,13 @@ mod tests {
         }
     }
 
+    fn poison(rules: &QueueRules, body: &[u8]) -> PayloadError {
+        match rules.decode(body, None) {
+            Decoded::Poison(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn envelopes_keep_value_bytes_and_map_each_op() {
         let r = rules(None, None);
@@ -461,10 +468,7 @@ mod tests {
     #[test]
     fn poison_of_every_kind_is_typed() {
         let r = rules(None, None);
-        let reason = |body: &[u8]| match r.decode(body, None) {
-            Decoded::Poison(e) => e.reason(),
-            other => panic!("{other:?}"),
-        };
+        let reason = |body: &[u8]| poison(&r, body).reason();
         assert_eq!(reason(b"not json"), "not_json");
         assert_eq!(reason(b"[1]"), "not_object");
         assert_eq!(reason(br#"{"op":"explode","key":"k"}"#), "invalid_field");
@@ -489,10 +493,7 @@ mod tests {
     #[test]
     fn raw_fields_read_in_one_pass_keep_their_meaning() {
         let r = rules(None, None);
-        let reason = |body: &[u8]| match r.decode(body, None) {
-            Decoded::Poison(e) => e.to_string(),
-            other => panic!("{other:?}"),
-        };
+        let reason = |body: &[u8]| poison(&r, body).to_string();
         // A null value is a missing one, as a write of the text `null` would not be wanted.
         assert!(reason(br#"{"op":"upsert","key":"k","value":null}"#).contains("value"));
         assert!(reason(br#"{"op":"warm","entries":null}"#).contains("entries"));
