@@ -48,6 +48,34 @@ impl CacheWriterMetrics {
     }
 }
 
+/// Why a retried write gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown came during a retry: nothing of the batch may be acked or committed.
+    Shutdown,
+    /// The gate refused the next attempt.
+    Refused,
+}
+
+/// Asked before every attempt of a gated write ([`CacheWriter::write_gated`]).
+pub trait AttemptGate {
+    /// Held while the attempt runs.
+    type Permit;
+    /// A permit for one attempt, or `None` to stop the write.
+    fn enter(&self) -> Option<Self::Permit>;
+}
+
+/// The gate of ungated writes: every attempt goes ahead.
+pub struct Open;
+
+impl AttemptGate for Open {
+    type Permit = ();
+
+    fn enter(&self) -> Option<()> {
+        Some(())
+    }
+}
+
 impl CacheWriter {
     /// Connects with backoff and loads the guard's script. `None` means shutdown came first.
     ///
@@ -85,8 +113,21 @@ impl CacheWriter {
         writes: &[CacheWrite],
         shutdown: &Shutdown,
     ) -> Option<Vec<WriteOutcome>> {
+        self.write_gated(writes, shutdown, &Open).await.ok()
+    }
+
+    /// Writes one batch like [`CacheWriter::write`], asking `gate` before every attempt:
+    /// when the gate says no, the write stops with [`Stopped::Refused`], and the caller may
+    /// change the batch and write it again. The gate's permit is held while an attempt runs,
+    /// so the gate's owner can wait for the attempt in flight.
+    pub async fn write_gated<G: AttemptGate>(
+        &mut self,
+        writes: &[CacheWrite],
+        shutdown: &Shutdown,
+        gate: &G,
+    ) -> Result<Vec<WriteOutcome>, Stopped> {
         let guard = self.guard.clone();
-        self.retrying(writes.len(), shutdown, |mut conn| {
+        self.retrying(writes.len(), shutdown, gate, |mut conn| {
             let guard = guard.clone();
             async move { guard.apply_batch(&mut conn, writes).await }
         })
@@ -100,12 +141,13 @@ impl CacheWriter {
         pipe: &redis::Pipeline,
         shutdown: &Shutdown,
     ) -> Option<()> {
-        self.retrying(pipe.len(), shutdown, |mut conn| async move {
+        self.retrying(pipe.len(), shutdown, &Open, |mut conn| async move {
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(GuardError::from)
         })
         .await
+        .ok()
     }
 
     /// Reads the values at `keys` (`None` where a key is missing), with the same retries as
@@ -115,7 +157,7 @@ impl CacheWriter {
         keys: &[&str],
         shutdown: &Shutdown,
     ) -> Option<Vec<Option<Vec<u8>>>> {
-        self.retrying(keys.len(), shutdown, |mut conn| async move {
+        self.retrying(keys.len(), shutdown, &Open, |mut conn| async move {
             redis::cmd("MGET")
                 .arg(keys)
                 .query_async(&mut conn)
@@ -123,6 +165,7 @@ impl CacheWriter {
                 .map_err(GuardError::from)
         })
         .await
+        .ok()
     }
 
     /// Writes one batch once, for callers that decide themselves what to retry, such as
@@ -153,23 +196,30 @@ impl CacheWriter {
         self.status.set_up(true);
     }
 
-    async fn retrying<T, F, Fut>(
+    async fn retrying<T, F, Fut, G>(
         &mut self,
         size: usize,
         shutdown: &Shutdown,
+        gate: &G,
         mut attempt: F,
-    ) -> Option<T>
+    ) -> Result<T, Stopped>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, GuardError>>,
+        G: AttemptGate,
     {
         let mut delays = crate::retry::reconnect_backoff().build();
         loop {
+            let Some(permit) = gate.enter() else {
+                return Err(Stopped::Refused);
+            };
             let started = Instant::now();
-            match attempt(self.conn.clone()).await {
+            let result = attempt(self.conn.clone()).await;
+            drop(permit);
+            match result {
                 Ok(value) => {
                     self.record_success(started);
-                    return Some(value);
+                    return Ok(value);
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
@@ -184,7 +234,7 @@ impl CacheWriter {
                     );
                     tokio::select! {
                         biased;
-                        _ = shutdown.triggered() => return None,
+                        _ = shutdown.triggered() => return Err(Stopped::Shutdown),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

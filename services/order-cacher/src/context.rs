@@ -7,22 +7,41 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use fleet::observability::DependencyStatus;
 
 use crate::metrics::PipelineMetrics;
+use crate::ownership::Ownership;
+
+/// The longest a revoke waits for the write attempt in flight; an attempt is bounded by the
+/// Redis response timeout, so this is reached only when Redis hangs.
+const REVOKE_WAIT: Duration = Duration::from_secs(30);
 
 /// Callbacks librdkafka runs on the thread that polls the consumer.
 pub struct OrderContext {
     metrics: PipelineMetrics,
     /// The `kafka` readiness switch, shared with the background probe.
     kafka: DependencyStatus,
+    /// Revokes, so the writer never writes a partition this replica lost.
+    ownership: Arc<Ownership>,
 }
 
 impl OrderContext {
     /// A context updating `metrics`, and marking `kafka` down when the consumer loses every
     /// broker.
     pub fn new(metrics: PipelineMetrics, kafka: DependencyStatus) -> Self {
-        Self { metrics, kafka }
+        Self {
+            metrics,
+            kafka,
+            ownership: Arc::default(),
+        }
+    }
+
+    /// What the revokes so far mean for messages already read.
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
     }
 
     /// Marks Kafka down when the consumer has lost every broker. The consumer's own report
@@ -66,6 +85,18 @@ impl ConsumerContext for OrderContext {
         if let Rebalance::Revoke(partitions) = rebalance {
             self.metrics.rebalances.with_label_values(&["revoke"]).inc();
             tracing::info!(partitions = %describe(partitions), "Partitions revoked; committing offsets.");
+            // No write of these partitions may run once the revoke returns: their next owner
+            // starts from the commit. This runs inside the consumer's poll, on a worker of the
+            // multi-threaded runtime, so it moves the worker's other tasks (the writer) away
+            // while it waits.
+            let finished =
+                tokio::task::block_in_place(|| self.ownership.revoke(partitions, REVOKE_WAIT));
+            if !finished {
+                tracing::warn!(
+                    wait_secs = REVOKE_WAIT.as_secs(),
+                    "A Redis write was still running when the revoke went ahead."
+                );
+            }
             // Commit what is written so the next owner starts right after it.
             match consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}

@@ -6,6 +6,7 @@ mod context;
 mod dead_letter;
 pub mod decode;
 mod metrics;
+mod ownership;
 mod pipeline;
 
 use std::sync::Arc;

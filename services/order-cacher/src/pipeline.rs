@@ -7,13 +7,14 @@
 //! writer is always busy and batches fill. An offset is stored only after its message and every
 //! earlier one in its batch (and every earlier batch) is written; librdkafka commits stored
 //! offsets periodically, on revoke and on shutdown. When the writer falls behind (Redis down),
-//! the partitions are paused instead of buffering without bound.
+//! the partitions are paused instead of buffering without bound. Messages of a partition
+//! revoked after they were read are dropped, never written (see [`crate::ownership`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleet::cache_writer::CacheWriter;
+use fleet::cache_writer::{AttemptGate, CacheWriter, Stopped};
 use fleet::observability::DependencyStatus;
 use fleet::version_guard::{Change, WriteOutcome};
 use fleet::Shutdown;
@@ -30,6 +31,7 @@ use crate::context::OrderContext;
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
 use crate::decode::{Decoded, Incoming, IndexEntry, TopicRules};
 use crate::metrics::PipelineMetrics;
+use crate::ownership::{Attempt, Ownership, TaggedPartition};
 
 type OrderConsumer = StreamConsumer<OrderContext>;
 
@@ -67,6 +69,8 @@ pub fn consumer(
 /// Messages decoded and waiting to be written together.
 pub struct Batch {
     writes: Vec<fleet::version_guard::CacheWrite>,
+    /// The slot of each write's message.
+    write_slots: Vec<usize>,
     /// Kafka timestamp of each write, for the event-to-cache lag.
     timestamps_ms: Vec<Option<i64>>,
     /// Index entries and the write each belongs to.
@@ -75,21 +79,40 @@ pub struct Batch {
     index_deletes: Vec<(usize, usize)>,
     dead_letters: Vec<DeadLetter>,
     skipped: u64,
-    /// (topic index, partition, next offset), one per partition seen.
-    offsets: Vec<(usize, i32, i64)>,
+    /// The partitions the messages came from.
+    slots: Vec<Slot>,
     messages: usize,
+}
+
+/// One partition's messages in a batch, all read between the same two revokes.
+struct Slot {
+    topic: usize,
+    topic_name: Arc<str>,
+    partition: i32,
+    /// The revoke count when they were read (see [`Ownership`]).
+    tag: u64,
+    /// The offset after the last of them.
+    next: i64,
+    messages: usize,
+}
+
+impl TaggedPartition for Slot {
+    fn tagged(&self) -> (&str, i32, u64) {
+        (&self.topic_name, self.partition, self.tag)
+    }
 }
 
 impl Batch {
     fn new(capacity: usize) -> Self {
         Self {
             writes: Vec::with_capacity(capacity),
+            write_slots: Vec::with_capacity(capacity),
             timestamps_ms: Vec::with_capacity(capacity),
             indexes: Vec::new(),
             index_deletes: Vec::new(),
             dead_letters: Vec::new(),
             skipped: 0,
-            offsets: Vec::new(),
+            slots: Vec::new(),
             messages: 0,
         }
     }
@@ -98,16 +121,72 @@ impl Batch {
         self.messages == 0
     }
 
-    fn done_up_to(&mut self, topic: usize, partition: i32, offset: i64) {
-        let next = offset + 1;
-        match self
-            .offsets
-            .iter_mut()
-            .find(|(t, p, _)| *t == topic && *p == partition)
+    /// The slot of a message of `partition` read under `tag`.
+    fn slot(&mut self, topic: usize, topic_name: &Arc<str>, partition: i32, tag: u64) -> usize {
+        if let Some(at) = self
+            .slots
+            .iter()
+            .position(|s| s.topic == topic && s.partition == partition && s.tag == tag)
         {
-            Some(entry) => entry.2 = entry.2.max(next),
-            None => self.offsets.push((topic, partition, next)),
+            return at;
         }
+        self.slots.push(Slot {
+            topic,
+            topic_name: Arc::clone(topic_name),
+            partition,
+            tag,
+            next: 0,
+            messages: 0,
+        });
+        self.slots.len() - 1
+    }
+
+    /// Removes the messages of the slots marked in `lost`; returns how many.
+    fn drop_slots(&mut self, lost: &[bool]) -> usize {
+        if !lost.contains(&true) {
+            return 0;
+        }
+        let mut renumbered = Vec::with_capacity(self.slots.len());
+        let mut kept_slots = Vec::with_capacity(self.slots.len());
+        let mut dropped = 0;
+        for (slot, &lost) in std::mem::take(&mut self.slots).into_iter().zip(lost) {
+            if lost {
+                dropped += slot.messages;
+                renumbered.push(None);
+            } else {
+                renumbered.push(Some(kept_slots.len()));
+                kept_slots.push(slot);
+            }
+        }
+        self.slots = kept_slots;
+        let mut new_position = Vec::with_capacity(self.writes.len());
+        let (writes, slots, timestamps) = (
+            std::mem::take(&mut self.writes),
+            std::mem::take(&mut self.write_slots),
+            std::mem::take(&mut self.timestamps_ms),
+        );
+        for ((write, slot), timestamp) in writes.into_iter().zip(slots).zip(timestamps) {
+            match renumbered[slot] {
+                Some(slot) => {
+                    new_position.push(Some(self.writes.len()));
+                    self.writes.push(write);
+                    self.write_slots.push(slot);
+                    self.timestamps_ms.push(timestamp);
+                }
+                None => new_position.push(None),
+            }
+        }
+        let moved = |write: &mut usize| match new_position[*write] {
+            Some(at) => {
+                *write = at;
+                true
+            }
+            None => false,
+        };
+        self.indexes.retain_mut(|(write, _, _)| moved(write));
+        self.index_deletes.retain_mut(|(write, _)| moved(write));
+        self.messages -= dropped;
+        dropped
     }
 }
 
@@ -147,6 +226,7 @@ pub async fn run(
     let mut reader = Reader {
         consumer: &consumer,
         rules: &rules,
+        topic_names: rules.iter().map(|r| Arc::from(r.topic.as_str())).collect(),
         batch: Batch::new(batch_size),
         paused: false,
     };
@@ -282,6 +362,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Lets a write attempt run only while every partition of its batch is still owned.
+struct OwnedSlots<'a> {
+    ownership: &'a Ownership,
+    slots: &'a [Slot],
+}
+
+impl<'a> AttemptGate for OwnedSlots<'a> {
+    type Permit = Attempt<'a>;
+
+    fn enter(&self) -> Option<Attempt<'a>> {
+        self.ownership.begin_attempt(self.slots)
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -293,6 +387,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 struct Reader<'a> {
     consumer: &'a OrderConsumer,
     rules: &'a [TopicRules],
+    /// The topics' names, shared with the batches' slots.
+    topic_names: Vec<Arc<str>>,
     batch: Batch,
     paused: bool,
 }
@@ -308,6 +404,10 @@ impl Reader<'_> {
             return;
         };
         let rules = &self.rules[index];
+        let tag = self.consumer.context().ownership().tag();
+        let slot = self
+            .batch
+            .slot(index, &self.topic_names[index], message.partition(), tag);
         let headers = message.headers();
         let timestamp_ms = message.timestamp().to_millis();
         let incoming = Incoming {
@@ -326,6 +426,7 @@ impl Reader<'_> {
                     batch.index_deletes.push((at, index));
                 }
                 batch.writes.push(write);
+                batch.write_slots.push(slot);
                 batch.timestamps_ms.push(timestamp_ms);
                 batch
                     .indexes
@@ -355,7 +456,9 @@ impl Reader<'_> {
             }
         }
         batch.messages += 1;
-        batch.done_up_to(index, message.partition(), message.offset());
+        let slot = &mut batch.slots[slot];
+        slot.messages += 1;
+        slot.next = slot.next.max(message.offset() + 1);
     }
 
     /// Stops fetching while the writer is behind. Repeated as the backlog grows, so
@@ -437,8 +540,8 @@ impl BatchWriter {
         let mut handled = 0;
         // Not raced with shutdown: the reader closes the channel after handing over the
         // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
-        while let Some(batch) = batches.recv().await {
-            let applied = self.apply(&batch, &shutdown).await;
+        while let Some(mut batch) = batches.recv().await {
+            let applied = self.apply(&mut batch, &shutdown).await;
             self.load.finish();
             if !applied {
                 tracing::warn!(
@@ -453,8 +556,9 @@ impl BatchWriter {
     }
 
     /// Writes a batch and stores its offsets. `false` means shutdown interrupted it and
-    /// nothing of it was stored.
-    async fn apply(&mut self, batch: &Batch, shutdown: &Shutdown) -> bool {
+    /// nothing of it was stored. Messages of partitions revoked since they were read are
+    /// dropped, before the write and between its attempts: their next owner writes them.
+    async fn apply(&mut self, batch: &mut Batch, shutdown: &Shutdown) -> bool {
         if !self
             .dead_letters
             .send_all(&batch.dead_letters, shutdown)
@@ -462,19 +566,52 @@ impl BatchWriter {
         {
             return false;
         }
-        // What a delete takes out of the indexes comes from the value it deletes, so that
-        // value is read first.
-        let removals = if batch.index_deletes.is_empty() {
-            Vec::new()
-        } else {
-            let keys: Vec<&str> = batch
-                .index_deletes
-                .iter()
-                .map(|&(write, _)| batch.writes[write].key.as_str())
-                .collect();
-            let Some(stored) = self.cache.read_values(&keys, shutdown).await else {
+        let ownership = Arc::clone(self.consumer.context().ownership());
+        loop {
+            let dropped = batch.drop_slots(&ownership.lost(&batch.slots));
+            if dropped > 0 {
+                tracing::info!(
+                    messages = dropped,
+                    "Dropped messages of partitions revoked since they were read; their next owner writes them."
+                );
+            }
+            let Some(removals) = self.index_removals(batch, shutdown).await else {
                 return false;
             };
+            let outcomes = if batch.writes.is_empty() {
+                Vec::new()
+            } else {
+                let gate = OwnedSlots {
+                    ownership: &ownership,
+                    slots: &batch.slots,
+                };
+                match self.cache.write_gated(&batch.writes, shutdown, &gate).await {
+                    Ok(outcomes) => outcomes,
+                    Err(Stopped::Shutdown) => return false,
+                    Err(Stopped::Refused) => continue,
+                }
+            };
+            return self.finish(batch, &outcomes, &removals, shutdown).await;
+        }
+    }
+
+    /// What each delete of the batch takes out of the indexes: a delete's removals come from
+    /// the value it deletes, so that value is read first. `None` if shutdown came first.
+    async fn index_removals(
+        &mut self,
+        batch: &Batch,
+        shutdown: &Shutdown,
+    ) -> Option<Vec<(usize, Vec<String>)>> {
+        if batch.index_deletes.is_empty() {
+            return Some(Vec::new());
+        }
+        let keys: Vec<&str> = batch
+            .index_deletes
+            .iter()
+            .map(|&(write, _)| batch.writes[write].key.as_str())
+            .collect();
+        let stored = self.cache.read_values(&keys, shutdown).await?;
+        Some(
             batch
                 .index_deletes
                 .iter()
@@ -484,18 +621,20 @@ impl BatchWriter {
                         .map_or_else(Vec::new, |value| self.rules[topic].index_keys_of(&value));
                     (write, keys)
                 })
-                .collect()
-        };
-        let outcomes = if batch.writes.is_empty() {
-            Vec::new()
-        } else {
-            match self.cache.write(&batch.writes, shutdown).await {
-                Some(outcomes) => outcomes,
-                None => return false,
-            }
-        };
+                .collect(),
+        )
+    }
+
+    /// After the batch's writes: its index updates, metrics and offsets.
+    async fn finish(
+        &mut self,
+        batch: &Batch,
+        outcomes: &[WriteOutcome],
+        removals: &[(usize, Vec<String>)],
+        shutdown: &Shutdown,
+    ) -> bool {
         if !batch.indexes.is_empty() || !removals.is_empty() {
-            let pipe = self.index_pipeline(batch, &outcomes, &removals);
+            let pipe = self.index_pipeline(batch, outcomes, removals);
             if !pipe.is_empty() && self.cache.run_pipeline(&pipe, shutdown).await.is_none() {
                 return false;
             }
@@ -586,12 +725,25 @@ impl BatchWriter {
     }
 
     fn store_offsets(&self, batch: &Batch) {
-        let mut offsets = TopicPartitionList::with_capacity(batch.offsets.len());
-        for (topic, partition, next) in &batch.offsets {
+        // A partition has more than one slot when a revoke (of another partition) came
+        // while its messages were read; its offset is the furthest.
+        let mut furthest: Vec<&Slot> = Vec::with_capacity(batch.slots.len());
+        for slot in &batch.slots {
+            match furthest
+                .iter_mut()
+                .find(|s| s.topic == slot.topic && s.partition == slot.partition)
+            {
+                Some(seen) if seen.next < slot.next => *seen = slot,
+                Some(_) => {}
+                None => furthest.push(slot),
+            }
+        }
+        let mut offsets = TopicPartitionList::with_capacity(furthest.len());
+        for slot in furthest {
             if let Err(e) = offsets.add_partition_offset(
-                &self.rules[*topic].topic,
-                *partition,
-                Offset::Offset(*next),
+                &slot.topic_name,
+                slot.partition,
+                Offset::Offset(slot.next),
             ) {
                 tracing::warn!(error = %e, "Cannot record an offset.");
             }
@@ -601,5 +753,66 @@ impl BatchWriter {
         if let Err(e) = self.consumer.store_offsets(&offsets) {
             tracing::debug!(error = %e, "Offsets not stored; partition no longer assigned.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::version_guard::CacheWrite;
+
+    fn entry(key: &str) -> IndexEntry {
+        IndexEntry {
+            rule: 0,
+            key: key.into(),
+            member: key.into(),
+            score: 1.0,
+        }
+    }
+
+    #[test]
+    fn dropping_a_slot_takes_out_its_writes_and_renumbers_the_rest() {
+        let topic: Arc<str> = Arc::from("orders");
+        let mut batch = Batch::new(8);
+        // Partition 0 and 1 read under tag 0, then partition 0 again under tag 1.
+        for (partition, tag, key, offset) in [
+            (0, 0, "a", 10),
+            (1, 0, "b", 20),
+            (0, 1, "c", 11),
+            (1, 0, "d", 21),
+        ] {
+            let slot = batch.slot(0, &topic, partition, tag);
+            let at = batch.writes.len();
+            batch.writes.push(CacheWrite::delete(key, None));
+            batch.write_slots.push(slot);
+            batch.timestamps_ms.push(Some(offset));
+            batch.indexes.push((at, 0, entry(key)));
+            batch.index_deletes.push((at, 0));
+            batch.messages += 1;
+            batch.slots[slot].messages += 1;
+            batch.slots[slot].next = offset + 1;
+        }
+        assert_eq!(batch.slots.len(), 3);
+        assert_eq!(batch.drop_slots(&[false, false, false]), 0);
+        // Partition 1's slot is lost.
+        assert_eq!(batch.drop_slots(&[false, true, false]), 2);
+        let keys: Vec<&str> = batch.writes.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["a", "c"]);
+        assert_eq!(batch.write_slots, [0, 1]);
+        assert_eq!(batch.timestamps_ms, [Some(10), Some(11)]);
+        let indexed: Vec<(usize, &str)> = batch
+            .indexes
+            .iter()
+            .map(|(w, _, e)| (*w, e.key.as_str()))
+            .collect();
+        assert_eq!(indexed, [(0, "a"), (1, "c")]);
+        assert_eq!(batch.index_deletes, [(0, 0), (1, 0)]);
+        assert_eq!(batch.messages, 2);
+        let slots: Vec<(i32, u64, i64)> = batch
+            .slots
+            .iter()
+            .map(|s| (s.partition, s.tag, s.next))
+            .collect();
+        assert_eq!(slots, [(0, 0, 11), (0, 1, 12)]);
     }
 }

@@ -483,3 +483,78 @@ max_entries = 3
         .is_none());
     Ok(())
 }
+
+/// Without a version field a write is last-writer-wins, so a replica must not write a
+/// partition's messages once it has lost that partition. Here replica A holds a batch of both
+/// partitions while its Redis is cut; B joins and takes one partition, re-reads it from the
+/// last commit and writes it through newer messages; then A's Redis comes back. A must drop
+/// what it held of the partition it lost, or B's keys go back to older data.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_never_writes_a_partition_it_lost_even_without_versions() -> Result<()> {
+    let scenario = Scenario::new("revoke", 2).await?;
+    let config = scenario
+        .config("")
+        .replace("version_field = \"version\"\n", "");
+    let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let replica = |redis: String| {
+        fleet_tests::ServiceBuilder::new("order-cacher")
+            .config_toml(config.clone())
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .env("REDIS_URL", redis)
+    };
+    let mut a = replica(format!("redis://{}", redis_link.addr())).spawn()?;
+    a.wait_ready(READY).await?;
+    wait_for("A assigned", DRAIN, || async {
+        Ok(
+            (sample(&a, "order_cacher_rebalances_total{kind=\"assign\"}").await? >= 1.0)
+                .then_some(()),
+        )
+    })
+    .await?;
+
+    const ORDERS: usize = 20;
+    // Every order in round n carries "version": n; order i is on partition i % 2.
+    let round = |n: u64| -> Vec<Record> {
+        (0..ORDERS)
+            .map(|id| Record::value(order(id, n)).partition((id % 2) as i32))
+            .collect()
+    };
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, &round(1)).await?;
+    wait_handled(&a, ORDERS as f64, DRAIN).await?;
+
+    redis_link.cut();
+    kafka::produce(&producer, &scenario.topic, &round(2)).await?;
+    // A fetches round 2 and holds it, unable to write it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut b = replica(redis_url()).spawn()?;
+    b.wait_ready(READY).await?;
+    wait_for("a partition moved from A to B", DRAIN, || async {
+        Ok(
+            (sample(&a, "order_cacher_rebalances_total{kind=\"revoke\"}").await? >= 1.0
+                && sample(&b, "order_cacher_rebalances_total{kind=\"assign\"}").await? >= 1.0)
+                .then_some(()),
+        )
+    })
+    .await?;
+    kafka::produce(&producer, &scenario.topic, &round(3)).await?;
+    // B writes rounds 2 and 3 of its partition.
+    wait_handled(&b, ORDERS as f64, DRAIN).await?;
+
+    redis_link.restore();
+    // A writes what it held of the partition it kept, then round 3 of it. A's keys reach
+    // round 3 only after that held batch, so once every key is at 3 nothing older is left.
+    let highest = (0..ORDERS).map(|id| (id, 3)).collect();
+    wait_highest_versions(&scenario, &highest).await?;
+    ensure!(
+        a.logs().contains("revoked since they were read"),
+        "A dropped what it held of the lost partition:\n{}",
+        a.logs()
+    );
+    for replica in [&mut a, &mut b] {
+        replica.sigterm()?;
+        ensure!(replica.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    }
+    Ok(())
+}
