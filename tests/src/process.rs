@@ -214,6 +214,19 @@ impl Service {
         Ok(())
     }
 
+    /// Sends SIGTERM and expects exit code 0 within 30 s; the error carries the logs.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.sigterm()?;
+        let status = self.wait_exit(Duration::from_secs(30)).await?;
+        anyhow::ensure!(
+            status.code() == Some(0),
+            "{} exited {status} on SIGTERM; logs:\n{}",
+            self.name,
+            self.logs()
+        );
+        Ok(())
+    }
+
     /// Sends SIGKILL and reaps the process.
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;

@@ -61,7 +61,7 @@ async fn a_rabbitmq_restart_mid_stream_heals_without_loss_or_stale_acks() -> Res
         ),
         "no warning from lapin about the lost connection:\n{logs}"
     );
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }

@@ -56,14 +56,7 @@ async fn every_binary_starts_with_defaults_serves_health_and_stops_on_sigterm() 
         let (status, _) = service.get("/nope").await?;
         assert_eq!(status, 404);
 
-        service.sigterm()?;
-        let exit = service.wait_exit(Duration::from_secs(30)).await?;
-        assert_eq!(
-            exit.code(),
-            Some(0),
-            "{name} exit on SIGTERM; logs:\n{}",
-            service.logs()
-        );
+        service.stop().await?;
         let logs = service.logs();
         assert!(logs.contains("Shutdown requested"), "{name} logs:\n{logs}");
         assert!(logs.contains("Stopped cleanly"), "{name} logs:\n{logs}");
@@ -172,11 +165,7 @@ async fn readiness_follows_a_redis_outage_and_heals() -> anyhow::Result<()> {
 
     proxy.restore();
     service.wait_ready(Duration::from_secs(30)).await?;
-    service.sigterm()?;
-    assert_eq!(
-        service.wait_exit(Duration::from_secs(30)).await?.code(),
-        Some(0)
-    );
+    service.stop().await?;
     Ok(())
 }
 
@@ -209,11 +198,7 @@ async fn kafka_outage_shows_in_readiness() -> anyhow::Result<()> {
     let (status, body) = service.get("/readyz").await?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("kafka: down"), "{body}");
-    service.sigterm()?;
-    assert_eq!(
-        service.wait_exit(Duration::from_secs(30)).await?.code(),
-        Some(0)
-    );
+    service.stop().await?;
     Ok(())
 }
 
@@ -291,11 +276,7 @@ async fn rediss_and_amqps_work_with_a_private_ca() -> anyhow::Result<()> {
         !service.logs().contains("guest:guest"),
         "AMQP password leaked into logs"
     );
-    service.sigterm()?;
-    assert_eq!(
-        service.wait_exit(Duration::from_secs(30)).await?.code(),
-        Some(0)
-    );
+    service.stop().await?;
 
     // Without the CA the server's certificate is not trusted, so the service is not ready.
     let mut service = ServiceBuilder::new("cache-updater")
@@ -397,11 +378,7 @@ async fn every_metric_the_alerting_rules_read_is_exported() -> anyhow::Result<()
             },
         )
         .await?;
-        service.sigterm()?;
-        assert_eq!(
-            service.wait_exit(Duration::from_secs(30)).await?.code(),
-            Some(0)
-        );
+        service.stop().await?;
     }
     Ok(())
 }

@@ -65,8 +65,7 @@ async fn a_kafka_restart_mid_stream_heals_without_loss() -> Result<()> {
         service.logs()
     );
 
-    service.sigterm()?;
-    ensure!(service.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    service.stop().await?;
     let committed = kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await?;
     ensure!(
         committed == records.len() as i64,

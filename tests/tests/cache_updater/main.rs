@@ -181,7 +181,7 @@ async fn both_message_forms_warm_and_invalidate_leave_exactly_the_expected_redis
         "lag observed for the 50 envelopes with a ts"
     );
     ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -228,7 +228,7 @@ async fn unversioned_writes_to_one_key_apply_in_arrival_order_while_keys_run_in_
         wrong.len(),
         &wrong[..wrong.len().min(10)]
     );
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -275,7 +275,7 @@ async fn three_replicas_with_reordered_duplicated_versions_end_at_the_highest_ve
         "900 repeats never applied: {stale_or_duplicate}"
     );
     for replica in &mut replicas {
-        stop(replica).await?;
+        replica.stop().await?;
     }
     s.cleanup().await;
     Ok(())
@@ -322,7 +322,7 @@ async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops
             == 0.0
     );
     ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
-    stop(&mut second).await?;
+    second.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -373,7 +373,7 @@ async fn amqp_connection_resets_and_cuts_heal_without_loss_or_stale_acks() -> Re
         "each reset and the cut caused a reconnect"
     );
     assert_no_stale_acks(&service)?;
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -470,7 +470,7 @@ async fn poison_messages_of_every_kind_reach_the_dlq_with_their_reason_while_goo
         amqp::depth(&s.dead_letter_queue).await? == 0,
         "nothing else in the DLQ"
     );
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -543,7 +543,7 @@ async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_an
         Ok((handled(&service).await? >= 20_000.0).then_some(()))
     })
     .await?;
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -561,7 +561,7 @@ async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothi
     let mut first = s.service(consumer).spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&[&first], 2_000.0, DRAIN).await?;
-    stop(&mut first).await?;
+    first.stop().await?;
     ensure!(
         first
             .logs()
@@ -584,7 +584,7 @@ async fn sigterm_under_load_acks_everything_taken_and_a_restart_redelivers_nothi
         handled(&second).await? == f64::from(left),
         "the second replica handled exactly what was left"
     );
-    stop(&mut second).await?;
+    second.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -624,7 +624,7 @@ async fn quorum_queues_declared_by_two_replicas_flow_and_cap_deliveries() -> Res
     wait_highest_versions(&highest).await?;
     for replica in &mut replicas {
         assert_no_stale_acks(replica)?;
-        stop(replica).await?;
+        replica.stop().await?;
     }
     s.cleanup().await;
     Ok(())
@@ -676,7 +676,7 @@ async fn a_deleted_dead_letter_exchange_is_declared_again_after_a_reconnect() ->
     let value: Option<String> = redis().await?.get(s.key("after")).await?;
     ensure!(value.is_some(), "messages flow after the reconnect");
     assert_no_stale_acks(&service)?;
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }
@@ -700,7 +700,7 @@ async fn a_queue_declared_elsewhere_is_named_when_it_conflicts_and_consumed_as_i
     .await?;
     let (status, body) = refused.get("/readyz").await?;
     ensure!(status == 503, "{status}: {body}");
-    stop(&mut refused).await?;
+    refused.stop().await?;
 
     // Consumed as it is: messages sent straight to the queue (the default exchange) are
     // written, and poison still reaches the dead-letter queue with its reason.
@@ -759,7 +759,7 @@ async fn a_queue_declared_elsewhere_is_named_when_it_conflicts_and_consumed_as_i
     );
     ensure!(sample(&service, "cache_updater_amqp_reconnects_total").await? >= 1.0);
     wait_queue_drained(&s.queue, &[&service]).await?;
-    stop(&mut service).await?;
+    service.stop().await?;
     s.cleanup().await;
     Ok(())
 }

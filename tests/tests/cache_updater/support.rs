@@ -219,17 +219,5 @@ pub fn assert_no_stale_acks(service: &Service) -> Result<()> {
 pub async fn declare_topology(scenario: &Scenario) -> Result<()> {
     let mut service = scenario.service("").spawn()?;
     service.wait_ready(READY).await?;
-    stop(&mut service).await
-}
-
-/// Stops a replica with SIGTERM and expects exit code 0.
-pub async fn stop(service: &mut Service) -> Result<()> {
-    service.sigterm()?;
-    let status = service.wait_exit(Duration::from_secs(30)).await?;
-    ensure!(
-        status.code() == Some(0),
-        "exit {status} on SIGTERM:\n{}",
-        service.logs()
-    );
-    Ok(())
+    service.stop().await
 }

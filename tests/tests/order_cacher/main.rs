@@ -57,8 +57,7 @@ async fn ten_thousand_reordered_duplicated_messages_end_at_the_highest_versions(
         "{metrics}"
     );
 
-    service.sigterm()?;
-    ensure!(service.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    service.stop().await?;
     ensure!(
         kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await? == 10_000,
         "every offset committed on shutdown"
@@ -131,8 +130,7 @@ async fn a_surviving_replica_takes_over_the_partitions_of_a_killed_one() -> Resu
         sample(&b, "order_cacher_rebalances_total{kind=\"assign\"}").await? >= 2.0,
         "the survivor was assigned the dead replica's partitions"
     );
-    b.sigterm()?;
-    ensure!(b.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    b.stop().await?;
     Ok(())
 }
 
@@ -267,8 +265,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_f
         .await?
             == 3.0
     );
-    service.sigterm()?;
-    ensure!(service.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
+    service.stop().await?;
     ensure!(
         kafka::committed_total(&scenario.group, &scenario.topic, 1).await? == records.len() as i64,
         "the poison messages' offsets advanced"
@@ -339,13 +336,7 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
     let mut first = service.spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&first, 2_000.0, DRAIN).await?;
-    first.sigterm()?;
-    let exit = first.wait_exit(Duration::from_secs(30)).await?;
-    ensure!(
-        exit.code() == Some(0),
-        "exit 0 on SIGTERM:\n{}",
-        first.logs()
-    );
+    first.stop().await?;
     ensure!(
         first.logs().contains("Offsets committed on shutdown"),
         "{}",
@@ -552,9 +543,7 @@ async fn a_replica_never_writes_a_partition_it_lost_even_without_versions() -> R
         "A dropped what it held of the lost partition:\n{}",
         a.logs()
     );
-    for replica in [&mut a, &mut b] {
-        replica.sigterm()?;
-        ensure!(replica.wait_exit(Duration::from_secs(30)).await?.code() == Some(0));
-    }
+    a.stop().await?;
+    b.stop().await?;
     Ok(())
 }
