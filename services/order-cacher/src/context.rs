@@ -1,14 +1,15 @@
-//! The Kafka consumer's callbacks: commits on revoke, rebalance counts, lag from statistics,
-//! and librdkafka's errors and logs at the fleet's levels.
+//! The Kafka consumer's callbacks: on a revoke, waiting for the Redis write in flight and then
+//! committing; rebalance counts; lag from statistics; and librdkafka's errors and logs at the
+//! fleet's levels.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
-
-use std::sync::Arc;
-use std::time::Duration;
 
 use fleet::observability::DependencyStatus;
 
