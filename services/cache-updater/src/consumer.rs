@@ -233,6 +233,7 @@ impl Epoch<'_> {
             )));
             let link = Arc::new(Link {
                 queue: queue.name.clone(),
+                channel: channel.status().clone(),
                 acks,
                 publisher: publisher.clone(),
                 dead_letter_exchange: self.config.topology.dead_letter_exchange.clone(),

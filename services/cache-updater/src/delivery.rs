@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fleet::envelope::PayloadError;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, ChannelStatus};
 
 use crate::ack::{AckEvent, AckSender, Settlement};
 use crate::metrics::PipelineMetrics;
@@ -55,6 +55,9 @@ impl Failure {
 pub struct Link {
     /// The queue consumed.
     pub queue: String,
+    /// The consuming channel's status: once it is closed, the broker has taken back every
+    /// delivery not yet acked on it.
+    pub channel: ChannelStatus,
     /// Where this channel's deliveries are settled.
     pub acks: AckSender,
     /// A channel in confirm mode on the same connection, for dead letters and retries.
@@ -116,6 +119,13 @@ impl Delivery {
         self.properties
             .timestamp()
             .map(|secs| (secs as i64).saturating_mul(1000))
+    }
+
+    /// Whether the broker took the delivery back: its channel closed before it was acked,
+    /// so the broker requeued it, maybe for another consumer. Writing it after that could
+    /// overwrite newer writes of that consumer.
+    pub fn taken_back(&self) -> bool {
+        !self.link.channel.connected()
     }
 
     /// Which delivery of the message this is, counting this one.

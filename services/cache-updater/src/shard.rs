@@ -143,10 +143,10 @@ impl ShardWriter {
                 batch.clear();
                 continue;
             }
-            let (writes, owners): (Vec<CacheWrite>, Vec<Arc<Pending>>) =
+            let (mut writes, mut owners): (Vec<CacheWrite>, Vec<Arc<Pending>>) =
                 batch.drain(..).map(|job| (job.write, job.delivery)).unzip();
             self.metrics.batch_size.observe(writes.len() as f64);
-            match self.write(&writes, &shutdown).await {
+            match self.write(&mut writes, &mut owners, &shutdown).await {
                 Ok(outcomes) => {
                     for (owner, outcome) in owners.iter().zip(outcomes) {
                         self.done(owner, Ok(outcome)).await;
@@ -155,14 +155,21 @@ impl ShardWriter {
                 Err(NotWritten::Shutdown) => stopping = true,
                 Err(NotWritten::Refused(_)) if writes.len() > 1 => {
                     // Find the writes Redis refuses; the others go through.
-                    for (write, owner) in writes.iter().zip(&owners) {
-                        match self.write(std::slice::from_ref(write), &shutdown).await {
-                            Ok(outcomes) => self.done(owner, Ok(outcomes[0])).await,
+                    for (write, owner) in writes.into_iter().zip(owners) {
+                        let (mut one, mut its) = (vec![write], vec![owner]);
+                        match self.write(&mut one, &mut its, &shutdown).await {
+                            Ok(outcomes) => {
+                                if let (Some(owner), Some(outcome)) =
+                                    (its.first(), outcomes.first())
+                                {
+                                    self.done(owner, Ok(*outcome)).await;
+                                }
+                            }
                             Err(NotWritten::Shutdown) => {
                                 stopping = true;
                                 break;
                             }
-                            Err(NotWritten::Refused(e)) => self.done(owner, Err(e)).await,
+                            Err(NotWritten::Refused(e)) => self.done(&its[0], Err(e)).await,
                         }
                     }
                 }
@@ -176,15 +183,22 @@ impl ShardWriter {
     }
 
     /// Writes a batch, waiting out Redis outages with backoff. Writes Redis refuses are
-    /// tried `write_attempts` times.
+    /// tried `write_attempts` times. Before every attempt, the writes of deliveries the broker
+    /// took back (their channel closed) leave `writes` and `owners`: the broker redelivers
+    /// them, maybe to another replica, whose newer writes they must not overwrite.
     async fn write(
         &mut self,
-        writes: &[CacheWrite],
+        writes: &mut Vec<CacheWrite>,
+        owners: &mut Vec<Arc<Pending>>,
         shutdown: &Shutdown,
     ) -> Result<Vec<WriteOutcome>, NotWritten> {
         let mut delays = fleet::retry::reconnect_backoff().build();
         let mut refused = 0;
         loop {
+            drop_taken_back(writes, owners);
+            if writes.is_empty() {
+                return Ok(Vec::new());
+            }
             let error = match self.cache.try_write(writes).await {
                 Ok(outcomes) => return Ok(outcomes),
                 Err(e) => e,
@@ -269,4 +283,30 @@ impl ShardWriter {
         }
         delivery.settle(Settlement::Ack);
     }
+}
+
+/// Removes the writes of deliveries the broker took back. They are not settled: their channel
+/// is closed, and the broker redelivers them.
+fn drop_taken_back(writes: &mut Vec<CacheWrite>, owners: &mut Vec<Arc<Pending>>) {
+    if !owners.iter().any(|owner| owner.delivery.taken_back()) {
+        return;
+    }
+    let before = writes.len();
+    let mut kept_owners = Vec::with_capacity(owners.len());
+    let mut kept_writes = Vec::with_capacity(writes.len());
+    for (write, owner) in std::mem::take(writes)
+        .into_iter()
+        .zip(std::mem::take(owners))
+    {
+        if !owner.delivery.taken_back() {
+            kept_writes.push(write);
+            kept_owners.push(owner);
+        }
+    }
+    *writes = kept_writes;
+    *owners = kept_owners;
+    tracing::info!(
+        dropped = before - writes.len(),
+        "Dropped writes of deliveries the broker took back when their channel closed; they are redelivered."
+    );
 }

@@ -774,3 +774,107 @@ async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
     ensure!(logs.contains("consumer.prefetch"), "{logs}");
     Ok(())
 }
+
+/// Unversioned writes are last-writer-wins, so a replica must not write a delivery after the
+/// broker took it back. Here replica A holds deliveries while its Redis is cut, then loses its
+/// RabbitMQ connection: the broker redelivers them to B, which writes them and newer ones.
+/// When A's Redis comes back, what A still holds must not overwrite B's newer data. (An
+/// attempt already under way when the connection drops cannot be called back; A's short
+/// response timeout makes every attempt end before that.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_versions() -> Result<()>
+{
+    let s = Scenario::new("cu-takeback");
+    declare_topology(&s).await?;
+    const KEYS: usize = 10;
+    let round = |n: u64| -> Vec<Message> {
+        (0..KEYS)
+            .map(|k| {
+                Message::body(format!(
+                    r#"{{"op":"upsert","key":"{}","value":{{"round":{n}}}}}"#,
+                    s.key(&format!("k:{k}"))
+                ))
+            })
+            .collect()
+    };
+    let rounds_in_redis = || async {
+        let mut conn = redis().await?;
+        let mut rounds = Vec::new();
+        for k in 0..KEYS {
+            let value: Option<String> = conn.get(s.key(&format!("k:{k}"))).await?;
+            rounds.push(value.unwrap_or_default());
+        }
+        anyhow::Ok(rounds)
+    };
+    let expect_round = |n: u64| format!(r#"{{"round":{n}}}"#);
+
+    let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let amqp_link = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
+    let mut a = s
+        .service("prefetch = 100")
+        .env("REDIS_URL", format!("redis://{}", redis_link.addr()))
+        .env("CACHE_UPDATER__REDIS__RESPONSE_TIMEOUT_MS", "200")
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@{}/%2f", amqp_link.addr()),
+        )
+        .spawn()?;
+    a.wait_ready(READY).await?;
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", &round(1))
+        .await?;
+    wait_for("round 1 written by A", DRAIN, || async {
+        Ok((rounds_in_redis().await? == vec![expect_round(1); KEYS]).then_some(()))
+    })
+    .await?;
+
+    // A takes round 2 and cannot write it.
+    redis_link.cut();
+    publisher
+        .publish(&s.exchange, "cache.update", &round(2))
+        .await?;
+    wait_for("A holding round 2", DRAIN, || async {
+        Ok((sample(&a, "cache_updater_unacked_messages").await? >= KEYS as f64).then_some(()))
+    })
+    .await?;
+    // Every attempt A started has failed or timed out by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A loses RabbitMQ, which takes round 2 back and gives it to B; B writes it, then
+    // round 3.
+    amqp_link.cut();
+    wait_for("round 2 back in the queue", DRAIN, || async {
+        Ok((amqp::depth(&s.queue).await? == KEYS as u32).then_some(()))
+    })
+    .await?;
+    let mut b = s.service("prefetch = 100").spawn()?;
+    b.wait_ready(READY).await?;
+    wait_for("round 2 written by B", DRAIN, || async {
+        Ok((rounds_in_redis().await? == vec![expect_round(2); KEYS]).then_some(()))
+    })
+    .await?;
+    publisher
+        .publish(&s.exchange, "cache.update", &round(3))
+        .await?;
+    wait_for("round 3 written by B", DRAIN, || async {
+        Ok((rounds_in_redis().await? == vec![expect_round(3); KEYS]).then_some(()))
+    })
+    .await?;
+
+    // A's Redis comes back; what it held was taken back by the broker.
+    redis_link.restore();
+    wait_for("A done with what it held", DRAIN, || async {
+        Ok((sample(&a, "cache_updater_unacked_messages").await? == 0.0).then_some(()))
+    })
+    .await?;
+    let rounds = rounds_in_redis().await?;
+    ensure!(
+        rounds == vec![expect_round(3); KEYS],
+        "B's newer writes were overwritten: {rounds:?}"
+    );
+    amqp_link.restore();
+    a.stop().await?;
+    b.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}
