@@ -779,8 +779,8 @@ async fn a_bad_config_exits_2_naming_the_key() -> Result<()> {
 /// broker took it back. Here replica A holds deliveries while its Redis is cut, then loses its
 /// RabbitMQ connection: the broker redelivers them to B, which writes them and newer ones.
 /// When A's Redis comes back, what A still holds must not overwrite B's newer data. (An
-/// attempt already under way when the connection drops cannot be called back; A's short
-/// response timeout makes every attempt end before that.)
+/// attempt already under way when the connection drops cannot be called back, so A has one
+/// shard, busy with another key's write while round 2 waits behind it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_versions() -> Result<()>
 {
@@ -811,9 +811,8 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
     let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
     let amqp_link = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
     let mut a = s
-        .service("prefetch = 100")
+        .service("prefetch = 100\nshards = 1")
         .env("REDIS_URL", format!("redis://{}", redis_link.addr()))
-        .env("CACHE_UPDATER__REDIS__RESPONSE_TIMEOUT_MS", "200")
         .env(
             "AMQP_URL",
             format!("amqp://guest:guest@{}/%2f", amqp_link.addr()),
@@ -829,22 +828,31 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
     })
     .await?;
 
-    // A takes round 2 and cannot write it.
+    // A's shard is stuck on another key's write, and round 2 waits behind it.
     redis_link.cut();
+    let blocker = Message::body(format!(
+        r#"{{"op":"upsert","key":"{}","value":0}}"#,
+        s.key("blocker")
+    ));
+    publisher
+        .publish(&s.exchange, "cache.update", &[blocker])
+        .await?;
+    wait_for("A's shard stuck", DRAIN, || async {
+        Ok((sample(&a, "cache_updater_redis_write_failures_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
     publisher
         .publish(&s.exchange, "cache.update", &round(2))
         .await?;
     wait_for("A holding round 2", DRAIN, || async {
-        Ok((sample(&a, "cache_updater_unacked_messages").await? >= KEYS as f64).then_some(()))
+        Ok((sample(&a, "cache_updater_unacked_messages").await? > KEYS as f64).then_some(()))
     })
     .await?;
-    // Every attempt A started has failed or timed out by now.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     // A loses RabbitMQ, which takes round 2 back and gives it to B; B writes it, then
     // round 3.
     amqp_link.cut();
     wait_for("round 2 back in the queue", DRAIN, || async {
-        Ok((amqp::depth(&s.queue).await? == KEYS as u32).then_some(()))
+        Ok((amqp::depth(&s.queue).await? == KEYS as u32 + 1).then_some(()))
     })
     .await?;
     let mut b = s.service("prefetch = 100").spawn()?;
