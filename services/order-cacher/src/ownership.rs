@@ -166,7 +166,10 @@ mod tests {
                 ownership.revoke(&partitions(&[("orders", 0)]), Duration::from_secs(30))
             })
         };
-        std::thread::sleep(Duration::from_millis(50));
+        // Once the revoke is recorded, the revoker holds the lock until it waits.
+        while ownership.tag() < 2 {
+            std::thread::yield_now();
+        }
         drop(attempt);
         assert!(revoker.join().unwrap());
     }
