@@ -16,8 +16,9 @@ use fleet::observability::DependencyStatus;
 use crate::metrics::PipelineMetrics;
 use crate::ownership::Ownership;
 
-/// The longest a revoke waits for the write attempt in flight; an attempt is bounded by the
-/// Redis response timeout, so this is reached only when Redis hangs.
+/// The longest a revoke waits for the write attempt in flight. An attempt is bounded by the
+/// Redis response timeout and the connection's reconnect retries (a few seconds), so this is
+/// reached only when Redis hangs.
 const REVOKE_WAIT: Duration = Duration::from_secs(30);
 
 /// Callbacks librdkafka runs on the thread that polls the consumer.
