@@ -157,36 +157,36 @@ pub fn parse_fields(
     max_bytes: usize,
     wanted: &[String],
 ) -> Result<Map<String, Value>, PayloadError> {
-    parse_sparse(body, max_bytes, Some(wanted), &[]).map(|object| object.fields)
+    parse_sparse(body, max_bytes, Some(wanted), []).map(|object| object.fields)
 }
 
 /// A JSON object read in one pass by [`parse_object_keeping_raw`].
 #[derive(Debug)]
-pub struct ObjectWithRaw<'a> {
+pub struct ObjectWithRaw<'a, const N: usize> {
     /// Every top-level field except the raw ones.
     pub fields: Map<String, Value>,
     /// The raw fields' JSON text, byte for byte, in the order they were asked for; `None`
     /// where the object lacks one.
-    pub raw: Vec<Option<&'a RawValue>>,
+    pub raw: [Option<&'a RawValue>; N],
 }
 
 /// Parses an object like [`parse_object`], but keeps the top-level fields named in `raw` as
 /// their JSON text instead of building values from them: for a message that carries a value
 /// to store as it is, this reads the message once.
-pub fn parse_object_keeping_raw<'a>(
+pub fn parse_object_keeping_raw<'a, const N: usize>(
     body: &'a [u8],
     max_bytes: usize,
-    raw: &[&str],
-) -> Result<ObjectWithRaw<'a>, PayloadError> {
+    raw: [&str; N],
+) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
     parse_sparse(body, max_bytes, None, raw)
 }
 
-fn parse_sparse<'a>(
+fn parse_sparse<'a, const N: usize>(
     body: &'a [u8],
     max_bytes: usize,
     wanted: Option<&[String]>,
-    raw: &[&str],
-) -> Result<ObjectWithRaw<'a>, PayloadError> {
+    raw: [&str; N],
+) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
     check_size(body, max_bytes)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields { wanted, raw }, &mut de)
@@ -211,21 +211,21 @@ mod sparse {
     /// A top-level JSON value: `Some` object, `None` for any other type. Fields named in
     /// `raw` are kept as text; of the others, only those in `wanted` are kept (all of them
     /// when `wanted` is `None`).
-    pub(super) struct Fields<'w> {
+    pub(super) struct Fields<'w, const N: usize> {
         pub(super) wanted: Option<&'w [String]>,
-        pub(super) raw: &'w [&'w str],
+        pub(super) raw: [&'w str; N],
     }
 
-    impl<'de> DeserializeSeed<'de> for Fields<'_> {
-        type Value = Option<ObjectWithRaw<'de>>;
+    impl<'de, const N: usize> DeserializeSeed<'de> for Fields<'_, N> {
+        type Value = Option<ObjectWithRaw<'de, N>>;
 
         fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
             de.deserialize_any(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Fields<'_> {
-        type Value = Option<ObjectWithRaw<'de>>;
+    impl<'de, const N: usize> Visitor<'de> for Fields<'_, N> {
+        type Value = Option<ObjectWithRaw<'de, N>>;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a JSON value")
@@ -233,7 +233,7 @@ mod sparse {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut fields = Map::new();
-            let mut raw = vec![None; self.raw.len()];
+            let mut raw = [None; N];
             while let Some(Key(key)) = map.next_key()? {
                 if let Some(i) = self.raw.iter().position(|name| **name == *key) {
                     raw[i] = Some(map.next_value::<&'de RawValue>()?);
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn parse_object_keeping_raw_reads_every_field_once() {
         let body = br#"{"a": 1, "v": {"x": [1, 2]}, "b": "s", "v": [ 3 ], "n": null}"#;
-        let object = parse_object_keeping_raw(body, 1024, &["v", "w"]).unwrap();
+        let object = parse_object_keeping_raw(body, 1024, ["v", "w"]).unwrap();
         let full = parse_object(body, 1024).unwrap();
         // The last of duplicate fields wins, as in parse_object.
         assert_eq!(object.raw[0].map(RawValue::get), Some("[ 3 ]"));
@@ -361,16 +361,16 @@ mod tests {
         }
         for bad in [&b"[1]"[..], b"7", b"null"] {
             assert!(matches!(
-                parse_object_keeping_raw(bad, 1024, &["v"]),
+                parse_object_keeping_raw(bad, 1024, ["v"]),
                 Err(PayloadError::NotObject)
             ));
         }
         assert!(matches!(
-            parse_object_keeping_raw(br#"{"v": [1,}"#, 1024, &["v"]),
+            parse_object_keeping_raw(br#"{"v": [1,}"#, 1024, ["v"]),
             Err(PayloadError::NotJson(_))
         ));
         assert!(matches!(
-            parse_object_keeping_raw(br#"{"v": 1} x"#, 1024, &["v"]),
+            parse_object_keeping_raw(br#"{"v": 1} x"#, 1024, ["v"]),
             Err(PayloadError::NotJson(_))
         ));
     }

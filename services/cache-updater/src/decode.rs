@@ -128,8 +128,8 @@ impl QueueRules {
     }
 
     fn decode_body(&self, body: &[u8]) -> Result<Decoded, PayloadError> {
-        let object = parse_object_keeping_raw(body, self.max_message_bytes, &RAW_FIELDS)?;
-        let (mut payload, [value, entries]) = (object.fields, raw_pair(object.raw));
+        let object = parse_object_keeping_raw(body, self.max_message_bytes, RAW_FIELDS)?;
+        let (mut payload, [value, entries]) = (object.fields, object.raw);
         let op = match payload.get("op") {
             None => None,
             Some(Value::String(name)) => {
@@ -188,13 +188,6 @@ impl QueueRules {
         Ok(self.origin.enabled
             && matches!(raw.map(parse_raw).transpose()?, Some(Value::String(s)) if s == self.origin.value))
     }
-}
-
-fn raw_pair(raw: Vec<Option<&RawValue>>) -> [Option<&RawValue>; 2] {
-    [
-        raw.first().copied().flatten(),
-        raw.get(1).copied().flatten(),
-    ]
 }
 
 /// Raw JSON text as a value. The text was checked as JSON when it was read, so this fails
@@ -280,7 +273,7 @@ fn warm_entries(
     let mut writes = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let field = |name: &str| format!("entries[{i}].{name}");
-        let entry = match parse_object_keeping_raw(entry.get().as_bytes(), usize::MAX, &["value"]) {
+        let entry = match parse_object_keeping_raw(entry.get().as_bytes(), usize::MAX, ["value"]) {
             Ok(entry) => entry,
             Err(PayloadError::NotObject) => {
                 return Err(PayloadError::InvalidField {
@@ -290,7 +283,8 @@ fn warm_entries(
             }
             Err(e) => return Err(e),
         };
-        let (value, entry) = (present(raw_pair(entry.raw)[0]), entry.fields);
+        let ([value], entry) = (entry.raw, entry.fields);
+        let value = present(value);
         only_known_fields(&entry, &ENTRY_FIELDS, &format!("entries[{i}]."))?;
         let key = key(&entry, &field("key"))?;
         let value = value.ok_or_else(|| PayloadError::MissingField {

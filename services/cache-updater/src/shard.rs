@@ -169,7 +169,11 @@ impl ShardWriter {
                                 stopping = true;
                                 break;
                             }
-                            Err(NotWritten::Refused(e)) => self.done(&its[0], Err(e)).await,
+                            Err(NotWritten::Refused(e)) => {
+                                if let Some(owner) = its.first() {
+                                    self.done(owner, Err(e)).await;
+                                }
+                            }
                         }
                     }
                 }
