@@ -59,6 +59,12 @@ pub struct ConsumerConfig {
     /// writer is idle a batch is written at once, so a quiet stream is not delayed.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
+    /// Most batches written to Redis at once. A batch overlaps the ones before it only when
+    /// every write in it carries a version and it deletes nothing from an index: the version
+    /// guard then makes the order in which Redis applies them irrelevant. Other batches are
+    /// written alone, in order. 1 writes every batch alone.
+    #[serde(default = "default_batches_in_flight")]
+    pub batches_in_flight: usize,
     /// Largest message value accepted; larger ones are dead-lettered.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -74,6 +80,7 @@ impl Default for ConsumerConfig {
             group_id: default_group_id(),
             batch_size: default_batch_size(),
             linger_ms: default_linger_ms(),
+            batches_in_flight: default_batches_in_flight(),
             max_message_bytes: default_max_message_bytes(),
             commit_interval_ms: default_commit_interval_ms(),
         }
@@ -97,6 +104,10 @@ fn default_batch_size() -> usize {
 
 fn default_linger_ms() -> u64 {
     5
+}
+
+fn default_batches_in_flight() -> usize {
+    2
 }
 
 fn default_max_message_bytes() -> usize {
@@ -225,6 +236,12 @@ impl Validate for OrderCacherConfig {
                 "must be positive",
             ));
         }
+        if consumer.batches_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "consumer.batches_in_flight",
+                "must be positive",
+            ));
+        }
         if consumer.commit_interval_ms == 0 {
             return Err(ConfigError::invalid(
                 "consumer.commit_interval_ms",
@@ -322,5 +339,15 @@ mod tests {
         .to_string();
         assert!(error.contains("topics.0.key_templat"), "{error}");
         assert!(error.contains("ORDER_CACHER__TOPICS"), "{error}");
+    }
+
+    #[test]
+    fn batches_in_flight_must_be_positive() {
+        let config = load_env(&[("ORDER_CACHER__CONSUMER__BATCHES_IN_FLIGHT", "1")]).unwrap();
+        assert_eq!(config.consumer.batches_in_flight, 1);
+        let error = load_env(&[("ORDER_CACHER__CONSUMER__BATCHES_IN_FLIGHT", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("consumer.batches_in_flight"), "{error}");
     }
 }

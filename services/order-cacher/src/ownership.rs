@@ -6,7 +6,7 @@
 //! read before the revoke, written after it (held back by a Redis outage, say), would put older
 //! data back over the new owner's. So every partition's messages are tagged, when read, with
 //! the number of revokes so far. The revoke callback records each revoked partition's revoke
-//! number and waits for the write attempt in flight, and the writer asks before every attempt
+//! number and waits for the write attempts in flight, and the writer asks before every attempt
 //! and drops the messages of any partition revoked after they were read.
 
 use std::collections::HashMap;
@@ -31,8 +31,8 @@ struct State {
     revokes: u64,
     /// The number of the last revoke of each partition (topic, partition) ever revoked.
     revoked_at: HashMap<(String, i32), u64>,
-    /// A write attempt is running.
-    writing: bool,
+    /// Write attempts running (more than one when batches overlap).
+    attempts: usize,
 }
 
 /// A partition's messages read since the given tag (revoke count).
@@ -47,8 +47,8 @@ impl Ownership {
         self.revokes.load(Ordering::Acquire)
     }
 
-    /// Records a revoke, then waits (up to `wait`) for the write attempt in flight, so that
-    /// no write of these partitions runs once the revoke returns. `false` if the attempt was
+    /// Records a revoke, then waits (up to `wait`) for the write attempts in flight, so that
+    /// no write of these partitions runs once the revoke returns. `false` if an attempt was
     /// still running when the wait ended.
     pub fn revoke(&self, partitions: &TopicPartitionList, wait: Duration) -> bool {
         let mut state = self.lock();
@@ -61,7 +61,7 @@ impl Ownership {
         }
         self.revokes.store(revoke, Ordering::Release);
         let deadline = Instant::now() + wait;
-        while state.writing {
+        while state.attempts > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -88,7 +88,7 @@ impl Ownership {
         if partitions.iter().any(|p| state.lost(p.tagged())) {
             return None;
         }
-        state.writing = true;
+        state.attempts += 1;
         Some(Attempt { ownership: self })
     }
 
@@ -112,7 +112,7 @@ pub struct Attempt<'a> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        self.ownership.lock().writing = false;
+        self.ownership.lock().attempts -= 1;
         self.ownership.attempt_ended.notify_all();
     }
 }
@@ -172,5 +172,17 @@ mod tests {
         }
         drop(attempt);
         assert!(revoker.join().unwrap());
+    }
+
+    #[test]
+    fn a_revoke_waits_for_every_overlapping_attempt() {
+        let ownership = std::sync::Arc::new(Ownership::default());
+        let first = ownership.begin_attempt(&[Read("orders", 0, 0)]).unwrap();
+        let second = ownership.begin_attempt(&[Read("orders", 1, 0)]).unwrap();
+        drop(first);
+        // One attempt is still running.
+        assert!(!ownership.revoke(&partitions(&[("orders", 0)]), Duration::from_millis(10)));
+        drop(second);
+        assert!(ownership.revoke(&partitions(&[("orders", 1)]), Duration::ZERO));
     }
 }

@@ -1,15 +1,19 @@
 //! Consume → batch → write → store offsets.
 //!
-//! One task reads the consumer and decodes messages into batches; a writer task applies one
-//! batch at a time, so a partition's messages are written in order and the next batch fills
-//! while the current one is written. A batch goes out at once when the writer is idle, so a
-//! quiet stream is written message by message without waiting for the linger; under load the
-//! writer is always busy and batches fill. An offset is stored only after its message and every
-//! earlier one in its batch (and every earlier batch) is written; librdkafka commits stored
-//! offsets periodically, on revoke and on shutdown. When the writer falls behind (Redis down),
-//! the partitions are paused instead of buffering without bound. Messages of a partition
-//! revoked after they were read are dropped, never written (see [`crate::ownership`]).
+//! One task reads the consumer and decodes messages into batches; a writer task writes them
+//! and stores their offsets in order, and the next batch fills while the current one is
+//! written. Batches whose order cannot matter (every write versioned, so the guard keeps the
+//! newest) are written two at a time by default, which keeps Redis busy while the service
+//! waits for a reply; others are written alone. A batch goes out at once when the writer is
+//! idle, so a quiet stream is written message by message without waiting for the linger;
+//! under load the writer is always busy and batches fill. An offset is stored only after its
+//! message and every earlier one in its batch (and every earlier batch) is written; librdkafka
+//! commits stored offsets periodically, on revoke and on shutdown. When the writer falls
+//! behind (Redis down), the partitions are paused instead of buffering without bound. Messages
+//! of a partition revoked after they were read are dropped, never written (see
+//! [`crate::ownership`]).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +22,8 @@ use fleet::cache_writer::{AttemptGate, CacheWriter, Stopped};
 use fleet::observability::DependencyStatus;
 use fleet::version_guard::{Change, WriteOutcome};
 use fleet::Shutdown;
-use futures::FutureExt;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -121,6 +126,14 @@ impl Batch {
         self.messages == 0
     }
 
+    /// Whether the batch may be written at the same time as others: every write carries a
+    /// version, so the guard keeps the newest whatever order Redis applies them in, and no
+    /// delete reads the stored value to take it out of the indexes (that read must see every
+    /// earlier write).
+    fn commutes(&self) -> bool {
+        self.index_deletes.is_empty() && self.writes.iter().all(|w| w.version.is_some())
+    }
+
     /// The slot of a message of `partition` read under `tag`.
     fn slot(&mut self, topic: usize, topic_name: &Arc<str>, partition: i32, tag: u64) -> usize {
         if let Some(at) = self
@@ -218,6 +231,7 @@ pub async fn run(
         consumer: Arc::clone(&consumer),
         rules: Arc::clone(&rules),
         metrics,
+        batches_in_flight: config.consumer.batches_in_flight,
     };
     let writer_task = shutdown.spawn("order-writer", writer.run(rx, shutdown.clone()));
 
@@ -360,6 +374,36 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "Commit on shutdown did not run."),
     }
     Ok(())
+}
+
+/// What each delete of the batch takes out of the indexes: a delete's removals come from the
+/// value it deletes, so that value is read first. `None` if shutdown came first.
+async fn index_removals(
+    cache: &mut CacheWriter,
+    rules: &[TopicRules],
+    batch: &Batch,
+    shutdown: &Shutdown,
+) -> Option<Vec<(usize, Vec<String>)>> {
+    if batch.index_deletes.is_empty() {
+        return Some(Vec::new());
+    }
+    let keys: Vec<&str> = batch
+        .index_deletes
+        .iter()
+        .map(|&(write, _)| batch.writes[write].key.as_str())
+        .collect();
+    let stored = cache.read_values(&keys, shutdown).await?;
+    Some(
+        batch
+            .index_deletes
+            .iter()
+            .zip(stored)
+            .map(|(&(write, topic), value)| {
+                let keys = value.map_or_else(Vec::new, |value| rules[topic].index_keys_of(&value));
+                (write, keys)
+            })
+            .collect(),
+    )
 }
 
 /// Lets a write attempt run only while every partition of its batch is still owned.
@@ -524,7 +568,9 @@ impl WriterLoad {
     }
 }
 
-/// Applies batches in order and stores their offsets.
+/// Applies batches and stores their offsets, in order. Up to `batches_in_flight` batches
+/// are written at once when their order cannot matter (see [`Batch::commutes`]); what
+/// follows a write (index updates, metrics, offsets) runs one batch at a time, in order.
 struct BatchWriter {
     load: Arc<WriterLoad>,
     cache: CacheWriter,
@@ -532,97 +578,105 @@ struct BatchWriter {
     consumer: Arc<OrderConsumer>,
     rules: Arc<[TopicRules]>,
     metrics: PipelineMetrics,
+    batches_in_flight: usize,
 }
+
+/// A batch after its write: each write's outcome and what its deletes take out of the
+/// indexes, or `None` when shutdown interrupted it and nothing of it may be stored.
+type Written = (
+    Batch,
+    Option<(Vec<WriteOutcome>, Vec<(usize, Vec<String>)>)>,
+);
 
 impl BatchWriter {
     /// Returns how many messages it finished with (written, skipped or dead-lettered).
     async fn run(mut self, mut batches: mpsc::Receiver<Batch>, shutdown: Shutdown) -> u64 {
         let mut handled = 0;
+        let mut in_flight = FuturesOrdered::new();
+        // Whether the batch in flight must be written alone.
+        let mut alone = false;
+        let mut next: Option<Batch> = None;
+        let mut open = true;
         // Not raced with shutdown: the reader closes the channel after handing over the
         // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
-        while let Some(mut batch) = batches.recv().await {
-            let applied = self.apply(&mut batch, &shutdown).await;
-            self.load.finish();
-            if !applied {
-                tracing::warn!(
-                    messages = batch.messages,
-                    "Batch not written before shutdown; its offsets stay uncommitted."
-                );
-                break;
+        loop {
+            let may_start = |batch: &mut Batch| {
+                in_flight.is_empty()
+                    || (!alone && in_flight.len() < self.batches_in_flight && batch.commutes())
+            };
+            if let Some(batch) = next.take_if(may_start) {
+                if !self
+                    .dead_letters
+                    .send_all(&batch.dead_letters, &shutdown)
+                    .await
+                {
+                    self.load.finish();
+                    break;
+                }
+                alone = !batch.commutes();
+                in_flight.push_back(self.write(batch, shutdown.clone()));
             }
-            handled += batch.messages as u64;
+            tokio::select! {
+                Some((batch, written)) = in_flight.next() => {
+                    let finished = match written {
+                        Some((outcomes, removals)) => {
+                            self.finish(&batch, &outcomes, &removals, &shutdown).await
+                        }
+                        None => false,
+                    };
+                    self.load.finish();
+                    if !finished {
+                        tracing::warn!(
+                            messages = batch.messages,
+                            "Batch not written before shutdown; its offsets stay uncommitted."
+                        );
+                        break;
+                    }
+                    handled += batch.messages as u64;
+                }
+                got = batches.recv(), if open && next.is_none() => match got {
+                    Some(batch) => next = Some(batch),
+                    None => open = false,
+                },
+                else => break,
+            }
         }
         handled
     }
 
-    /// Writes a batch and stores its offsets. `false` means shutdown interrupted it and
-    /// nothing of it was stored. Messages of partitions revoked since they were read are
-    /// dropped, before the write and between its attempts: their next owner writes them.
-    async fn apply(&mut self, batch: &mut Batch, shutdown: &Shutdown) -> bool {
-        if !self
-            .dead_letters
-            .send_all(&batch.dead_letters, shutdown)
-            .await
-        {
-            return false;
-        }
+    /// Writes a batch. Messages of partitions revoked since they were read are dropped,
+    /// before the write and between its attempts: their next owner writes them.
+    fn write(&self, mut batch: Batch, shutdown: Shutdown) -> impl Future<Output = Written> {
+        let mut cache = self.cache.clone();
+        let rules = Arc::clone(&self.rules);
         let ownership = Arc::clone(self.consumer.context().ownership());
-        loop {
-            let dropped = batch.drop_slots(&ownership.lost(&batch.slots));
-            if dropped > 0 {
-                tracing::info!(
-                    messages = dropped,
-                    "Dropped messages of partitions revoked since they were read; their next owner writes them."
-                );
-            }
-            let Some(removals) = self.index_removals(batch, shutdown).await else {
-                return false;
-            };
-            let outcomes = if batch.writes.is_empty() {
-                Vec::new()
-            } else {
+        async move {
+            loop {
+                let dropped = batch.drop_slots(&ownership.lost(&batch.slots));
+                if dropped > 0 {
+                    tracing::info!(
+                        messages = dropped,
+                        "Dropped messages of partitions revoked since they were read; their next owner writes them."
+                    );
+                }
+                let Some(removals) = index_removals(&mut cache, &rules, &batch, &shutdown).await
+                else {
+                    return (batch, None);
+                };
+                if batch.writes.is_empty() {
+                    return (batch, Some((Vec::new(), removals)));
+                }
                 let gate = OwnedSlots {
                     ownership: &ownership,
                     slots: &batch.slots,
                 };
-                match self.cache.write_gated(&batch.writes, shutdown, &gate).await {
-                    Ok(outcomes) => outcomes,
-                    Err(Stopped::Shutdown) => return false,
+                match cache.write_gated(&batch.writes, &shutdown, &gate).await {
+                    Ok(outcomes) => return (batch, Some((outcomes, removals))),
+                    Err(Stopped::Shutdown) => return (batch, None),
                     Err(Stopped::Refused) => continue,
                 }
-            };
-            return self.finish(batch, &outcomes, &removals, shutdown).await;
+            }
         }
-    }
-
-    /// What each delete of the batch takes out of the indexes: a delete's removals come from
-    /// the value it deletes, so that value is read first. `None` if shutdown came first.
-    async fn index_removals(
-        &mut self,
-        batch: &Batch,
-        shutdown: &Shutdown,
-    ) -> Option<Vec<(usize, Vec<String>)>> {
-        if batch.index_deletes.is_empty() {
-            return Some(Vec::new());
-        }
-        let keys: Vec<&str> = batch
-            .index_deletes
-            .iter()
-            .map(|&(write, _)| batch.writes[write].key.as_str())
-            .collect();
-        let stored = self.cache.read_values(&keys, shutdown).await?;
-        Some(
-            batch
-                .index_deletes
-                .iter()
-                .zip(stored)
-                .map(|(&(write, topic), value)| {
-                    let keys = value
-                        .map_or_else(Vec::new, |value| self.rules[topic].index_keys_of(&value));
-                    (write, keys)
-                })
-                .collect(),
-        )
     }
 
     /// After the batch's writes: its index updates, metrics and offsets.
@@ -814,5 +868,26 @@ mod tests {
             .map(|s| (s.partition, s.tag, s.next))
             .collect();
         assert_eq!(slots, [(0, 0, 11), (0, 1, 12)]);
+    }
+
+    #[test]
+    fn only_versioned_batches_without_index_deletes_are_written_alongside_others() {
+        let version = Some(fleet::version::Version::new(3));
+        let mut batch = Batch::new(4);
+        assert!(batch.commutes());
+        batch.writes.push(CacheWrite::upsert("a", "{}", version));
+        batch.writes.push(CacheWrite::delete("b", version));
+        assert!(batch.commutes());
+        batch.index_deletes.push((1, 0));
+        assert!(
+            !batch.commutes(),
+            "a delete that reads its indexes must see earlier writes"
+        );
+        batch.index_deletes.clear();
+        batch.writes.push(CacheWrite::upsert("c", "{}", None));
+        assert!(
+            !batch.commutes(),
+            "a last-writer-wins write depends on order"
+        );
     }
 }
