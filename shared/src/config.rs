@@ -589,6 +589,33 @@ mod tests {
     }
 
     #[test]
+    fn kafka_properties_may_be_numbers_and_bools_and_pass_as_text() {
+        let dir = std::env::temp_dir().join(format!("fleet-props-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka.properties]\n\"max.partition.fetch.bytes\" = 8388608\n\"enable.idempotence\" = true\n\"retry.backoff.ms\" = \"150\"\n",
+        )
+        .unwrap();
+        let c: TestConfig = load(
+            &SPEC,
+            Some(&path),
+            &env(&[("TEST_SVC__KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20")]),
+        )
+        .unwrap();
+        let text = |name: &str| c.kafka.properties[name].expose().to_string();
+        assert_eq!(text("max.partition.fetch.bytes"), "8388608");
+        assert_eq!(text("enable.idempotence"), "true");
+        assert_eq!(text("retry.backoff.ms"), "150");
+        assert_eq!(text("fetch.wait.max.ms"), "20");
+        let err = load_env(&[("TEST_SVC__KAFKA__PROPERTIES__ACKS", "[1]")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`kafka.properties.acks`"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = load_env(&[("TEST_SVC__REDIS__URLL", "x")])
             .unwrap_err()
