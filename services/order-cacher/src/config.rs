@@ -107,7 +107,7 @@ fn default_linger_ms() -> u64 {
 }
 
 fn default_batches_in_flight() -> usize {
-    2
+    3
 }
 
 fn default_max_message_bytes() -> usize {

@@ -3,8 +3,8 @@
 //! One task reads the consumer and decodes messages into batches; a writer task writes them
 //! and stores their offsets in order, and the next batch fills while the current one is
 //! written. Batches whose order cannot matter (every write versioned, so the guard keeps the
-//! newest) are written two at a time by default, which keeps Redis busy while the service
-//! waits for a reply; others are written alone. A batch goes out at once when the writer is
+//! newest) are written up to three at a time by default, which keeps Redis busy while the
+//! service waits for a reply; others are written alone. A batch goes out at once when the writer is
 //! idle, so a quiet stream is written message by message without waiting for the linger;
 //! under load the writer is always busy and batches fill. An offset is stored only after its
 //! message and every earlier one in its batch (and every earlier batch) is written; librdkafka
