@@ -221,6 +221,14 @@ pub async fn run(
     let topics: Vec<&str> = rules.iter().map(|r| r.topic.as_str()).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(topics = %topics.join(","), group = %config.consumer.group_id, "Consuming.");
+    if config.consumer.batches_in_flight > 1 {
+        for topic in config.topics.iter().filter(|t| t.version_field.is_none()) {
+            tracing::info!(
+                topic = %topic.name,
+                "Topic has no version_field: its writes are last-writer-wins, so batches holding them are written one at a time."
+            );
+        }
+    }
 
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let load = Arc::new(WriterLoad::default());

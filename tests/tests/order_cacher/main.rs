@@ -594,6 +594,13 @@ async fn an_unversioned_topic_keeps_its_order_through_redis_outages() -> Result<
         sample(&service, "order_cacher_redis_write_failures_total").await? > 0.0,
         "the outages were seen"
     );
+    ensure!(
+        service
+            .logs()
+            .contains("batches holding them are written one at a time"),
+        "the start-up log says the topic's batches are not written side by side:\n{}",
+        service.logs()
+    );
     service.stop().await?;
     Ok(())
 }
