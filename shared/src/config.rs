@@ -572,16 +572,21 @@ mod tests {
         assert_eq!(c.kafka.properties["sasl.password"].expose(), "hunter2");
     }
 
-    #[test]
-    fn env_overrides_file_which_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("fleet-config-{}", std::process::id()));
+    /// Writes `text` to a config file in a directory of its own.
+    fn config_file(dir: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn env_overrides_file_which_overrides_defaults() {
+        let path = config_file(
+            "fleet-config",
             "batch_size = 10\n[shutdown]\ngrace_period_secs = 3\n",
-        )
-        .unwrap();
+        );
         let c: TestConfig =
             load(&SPEC, Some(&path), &env(&[("TEST_SVC__BATCH_SIZE", "11")])).unwrap();
         assert_eq!(c.batch_size, 11);
@@ -590,14 +595,10 @@ mod tests {
 
     #[test]
     fn kafka_properties_may_be_numbers_and_bools_and_pass_as_text() {
-        let dir = std::env::temp_dir().join(format!("fleet-props-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
+        let path = config_file(
+            "fleet-props",
             "[kafka.properties]\n\"max.partition.fetch.bytes\" = 8388608\n\"enable.idempotence\" = true\n\"retry.backoff.ms\" = \"150\"\n",
-        )
-        .unwrap();
+        );
         let c: TestConfig = load(
             &SPEC,
             Some(&path),

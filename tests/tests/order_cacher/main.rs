@@ -483,16 +483,9 @@ max_entries = 3
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_never_writes_a_partition_it_lost_even_without_versions() -> Result<()> {
     let scenario = Scenario::new("revoke", 2).await?;
-    let config = scenario
-        .config("")
-        .replace("version_field = \"version\"\n", "");
+    let config = scenario.unversioned_config("");
     let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    let replica = |redis: String| {
-        fleet_tests::ServiceBuilder::new("order-cacher")
-            .config_toml(config.clone())
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .env("REDIS_URL", redis)
-    };
+    let replica = |redis: String| service_with(config.clone()).env("REDIS_URL", redis);
     let mut a = replica(format!("redis://{}", redis_link.addr())).spawn()?;
     a.wait_ready(READY).await?;
     wait_for("A assigned", DRAIN, || async {
@@ -553,17 +546,12 @@ async fn a_replica_never_writes_a_partition_it_lost_even_without_versions() -> R
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unversioned_topic_keeps_its_order_through_redis_outages() -> Result<()> {
     let scenario = Scenario::new("lww-order", 1).await?;
-    let config = scenario
-        .config("")
-        .replace("version_field = \"version\"\n", "")
-        .replace(
-            "linger_ms = 5",
-            "linger_ms = 5\nbatch_size = 10\nbatches_in_flight = 3",
-        );
+    let config = scenario.unversioned_config("").replace(
+        "linger_ms = 5",
+        "linger_ms = 5\nbatch_size = 10\nbatches_in_flight = 3",
+    );
     let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    let mut service = fleet_tests::ServiceBuilder::new("order-cacher")
-        .config_toml(config)
-        .env("RUST_LOG", "info,rdkafka=warn")
+    let mut service = service_with(config)
         .env("REDIS_URL", format!("redis://{}", redis_link.addr()))
         .spawn()?;
     service.wait_ready(READY).await?;

@@ -61,10 +61,14 @@ version_field = "version"
         )
     }
 
+    /// [`Scenario::config`] without the version field: every write is last-writer-wins.
+    pub fn unversioned_config(&self, extra: &str) -> String {
+        self.config(extra)
+            .replace("version_field = \"version\"\n", "")
+    }
+
     pub fn service(&self, extra: &str) -> ServiceBuilder {
-        ServiceBuilder::new("order-cacher")
-            .config_toml(self.config(extra))
-            .env("RUST_LOG", "info,rdkafka=warn")
+        service_with(self.config(extra))
     }
 
     /// A service whose Redis writes are slowed (20 ms each way through a fault proxy), with
@@ -87,6 +91,13 @@ version_field = "version"
     pub fn key(&self, order: usize) -> String {
         format!("{}:order:{order}", self.prefix)
     }
+}
+
+/// The service with a config of its own.
+pub fn service_with(config: String) -> ServiceBuilder {
+    ServiceBuilder::new("order-cacher")
+        .config_toml(config)
+        .env("RUST_LOG", "info,rdkafka=warn")
 }
 
 /// An order JSON of about 300 bytes, as producers send them.
