@@ -153,19 +153,22 @@ impl TopicRules {
         }
     }
 
-    /// The keys of the indexes a stored value put its entry into, among indexes whose
-    /// members are entry keys: what a delete of that entry takes it out of. Indexes with a
-    /// `member_template` are left alone, since several entries may share a member there. A
-    /// value the rules cannot read yields none.
-    pub fn index_keys_of(&self, stored: &[u8]) -> Vec<String> {
+    /// What a stored value says about its entry: the keys of the indexes it put the entry
+    /// into, among indexes whose members are entry keys (what a delete of that entry takes it
+    /// out of), and its version. Indexes with a `member_template` are left alone, since
+    /// several entries may share a member there. A value the rules cannot read yields no
+    /// index keys; one without a readable version field yields no version.
+    pub fn stored_entry(&self, stored: &[u8]) -> (Vec<String>, Option<Version>) {
         let Ok(payload) = parse_fields(stored, usize::MAX, &self.fields) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
-        self.indexes
+        let index_keys = self
+            .indexes
             .iter()
             .filter(|index| index.members_are_entry_keys())
             .filter_map(|index| index.key_template.render(&payload).ok())
-            .collect()
+            .collect();
+        (index_keys, self.mapping.version(&payload).ok().flatten())
     }
 
     fn origin_header<'a, H>(&self, header: &H) -> Option<Option<&'a [u8]>>

@@ -384,8 +384,13 @@ pub async fn run(
     Ok(())
 }
 
-/// What each delete of the batch takes out of the indexes: a delete's removals come from the
-/// value it deletes, so that value is read first. `None` if shutdown came first.
+/// What each delete of the batch takes out of the indexes: the index keys of the value it
+/// deletes, so that value is read first. A delete that will apply (unversioned, or newer than
+/// the stored value) takes its entry out of those indexes here, before the write: once the
+/// value is gone nothing says which indexes held the entry, so a crash between the write and
+/// a later removal would leave it there for good. [`BatchWriter::finish`] removes it again
+/// after a delete that applied, which also covers a stored value without a readable version.
+/// `None` if shutdown came first.
 async fn index_removals(
     cache: &mut CacheWriter,
     rules: &[TopicRules],
@@ -401,17 +406,38 @@ async fn index_removals(
         .map(|&(write, _)| batch.writes[write].key.as_str())
         .collect();
     let stored = cache.read_values(&keys, shutdown).await?;
-    Some(
-        batch
-            .index_deletes
-            .iter()
-            .zip(stored)
-            .map(|(&(write, topic), value)| {
-                let keys = value.map_or_else(Vec::new, |value| rules[topic].index_keys_of(&value));
-                (write, keys)
-            })
-            .collect(),
-    )
+    let mut before_write = redis::pipe();
+    let removals = batch
+        .index_deletes
+        .iter()
+        .zip(stored)
+        .map(|(&(write, topic), value)| {
+            let Some(value) = value else {
+                return (write, Vec::new());
+            };
+            let (index_keys, stored_version) = rules[topic].stored_entry(&value);
+            let delete = &batch.writes[write];
+            let applies = match (delete.version, stored_version) {
+                (None, _) => true,
+                (Some(deleted), Some(stored)) => deleted > stored,
+                (Some(_), None) => false,
+            };
+            if applies {
+                for index_key in &index_keys {
+                    before_write
+                        .cmd("ZREM")
+                        .arg(index_key)
+                        .arg(&delete.key)
+                        .ignore();
+                }
+            }
+            (write, index_keys)
+        })
+        .collect();
+    if !before_write.is_empty() {
+        cache.run_pipeline(&before_write, shutdown).await?;
+    }
+    Some(removals)
 }
 
 /// Lets a write attempt run only while every partition of its batch is still owned.

@@ -592,3 +592,84 @@ async fn an_unversioned_topic_keeps_its_order_through_redis_outages() -> Result<
     service.stop().await?;
     Ok(())
 }
+
+/// Once a delete has applied, nothing says which indexes held the entry, so a crash between
+/// the delete and its index removal would leave the entry in them for good. Here Redis
+/// refuses `ZREM` to the first replica (an ACL), which stands for a crash at that point: it
+/// is killed while it retries. The replica after it, with full rights, must leave the index
+/// without the deleted order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_interrupted_before_its_index_removal_still_leaves_the_index_clean() -> Result<()>
+{
+    let scenario = Scenario::new("index-crash", 1).await?;
+    let index_key = format!("{}:user:u1:orders", scenario.prefix);
+    let config = scenario.config(&format!(
+        "[[topics.indexes]]\nkey_template = \"{}:user:{{user_id}}:orders\"\n",
+        scenario.prefix
+    ));
+    let mut conn = redis().await?;
+    let user = scenario.prefix.replace('-', "_");
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">no-zrem")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-zrem")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let address = socket_addr_of(&redis_url());
+    let mut first = service_with(config.clone())
+        .env("REDIS_URL", format!("redis://{user}:no-zrem@{address}"))
+        .spawn()?;
+    first.wait_ready(READY).await?;
+
+    let producer = kafka::producer()?;
+    let placed = Record::value(
+        r#"{"order_id": 1, "user_id": "u1", "version": 1, "timestamp": "2023-01-01 10:01:00"}"#,
+    );
+    kafka::produce(&producer, &scenario.topic, &[placed]).await?;
+    wait_handled(&first, 1.0, DRAIN).await?;
+    let members: Vec<String> = conn.zrange(&index_key, 0, -1).await?;
+    ensure!(members == [scenario.key(1)], "indexed: {members:?}");
+
+    let tombstone = Record {
+        key: Some(b"1".to_vec()),
+        payload: None,
+        ..Record::default()
+    }
+    .header("version", "2");
+    kafka::produce(&producer, &scenario.topic, &[tombstone]).await?;
+    wait_for("a refused index removal", DRAIN, || async {
+        Ok((sample(&first, "order_cacher_redis_write_failures_total").await? > 0.0).then_some(()))
+    })
+    .await?;
+    first.kill9()?;
+
+    let mut second = service_with(config).spawn()?;
+    second.wait_ready(READY).await?;
+    wait_for("both messages committed", DRAIN, || async {
+        Ok((kafka::committed_total(&scenario.group, &scenario.topic, 1).await? == 2).then_some(()))
+    })
+    .await?;
+    ensure!(
+        conn.get::<_, Option<String>>(scenario.key(1))
+            .await?
+            .is_none(),
+        "order 1 deleted"
+    );
+    let members: Vec<String> = conn.zrange(&index_key, 0, -1).await?;
+    ensure!(
+        members.is_empty(),
+        "the deleted order left its index: {members:?}"
+    );
+    second.stop().await?;
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async::<()>(&mut conn)
+        .await?;
+    Ok(())
+}
