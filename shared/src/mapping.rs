@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -60,7 +61,7 @@ impl EntityMapping {
     pub fn upsert(
         &self,
         payload: &Map<String, Value>,
-        body: &[u8],
+        body: Bytes,
     ) -> Result<CacheWrite, PayloadError> {
         let key = self.key_template.render(payload)?;
         let version = self.version(payload)?;
@@ -141,26 +142,30 @@ mod tests {
     fn upsert_stores_the_body_as_received() {
         let body = br#"{"version": 3, "order_id": 1001, "amount": 299.99}"#;
         let payload = obj(serde_json::from_slice(body).unwrap());
-        let write = mapping(Some("version")).upsert(&payload, body).unwrap();
+        let write = mapping(Some("version"))
+            .upsert(&payload, Bytes::from_static(body))
+            .unwrap();
         assert_eq!(write.key, "order:1001");
         assert_eq!(write.version, Some(Version::new(3)));
         assert_eq!(write.ttl, Some(Duration::from_secs(60)));
-        assert_eq!(write.change, Change::Upsert(body.to_vec()));
+        assert_eq!(write.change, Change::Upsert(Bytes::from_static(body)));
     }
 
     #[test]
     fn a_configured_version_field_is_required() {
         let payload = obj(json!({"order_id": "1"}));
         let err = mapping(Some("version"))
-            .upsert(&payload, b"{}")
+            .upsert(&payload, Bytes::from_static(b"{}"))
             .unwrap_err();
         assert_eq!(err.reason(), "missing_field");
         let payload = obj(json!({"order_id": "1", "version": "soon"}));
         let err = mapping(Some("version"))
-            .upsert(&payload, b"{}")
+            .upsert(&payload, Bytes::from_static(b"{}"))
             .unwrap_err();
         assert_eq!(err.reason(), "invalid_version");
-        let write = mapping(None).upsert(&payload, b"{}").unwrap();
+        let write = mapping(None)
+            .upsert(&payload, Bytes::from_static(b"{}"))
+            .unwrap();
         assert_eq!(write.version, None, "no version field: last-writer-wins");
     }
 

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisError, Value};
 
@@ -127,8 +128,9 @@ fn without_comments(script: &str) -> String {
 /// What a write does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Store these bytes (normally JSON) at the key.
-    Upsert(Vec<u8>),
+    /// Store these bytes (normally JSON) at the key. `Bytes`, so a batch's values can be
+    /// slices of one shared buffer.
+    Upsert(Bytes),
     /// Remove the key.
     Delete,
 }
@@ -150,7 +152,7 @@ impl CacheWrite {
     /// An upsert.
     pub fn upsert(
         key: impl Into<String>,
-        value: impl Into<Vec<u8>>,
+        value: impl Into<Bytes>,
         version: Option<Version>,
     ) -> Self {
         Self {
@@ -349,7 +351,8 @@ impl VersionGuard {
         version: Version,
         ttl: Option<Duration>,
     ) -> Result<WriteOutcome, GuardError> {
-        let write = CacheWrite::upsert(key, value, Some(version)).with_ttl(ttl);
+        let write =
+            CacheWrite::upsert(key, Bytes::copy_from_slice(value), Some(version)).with_ttl(ttl);
         Ok(self.apply_batch(conn, std::slice::from_ref(&write)).await?[0])
     }
 
@@ -597,7 +600,7 @@ fn value_writes(writes: &[CacheWrite], indices: &[usize]) -> Vec<Cmd> {
         };
         match write.ttl {
             None => {
-                mset.arg(&write.key).arg(value.as_slice());
+                mset.arg(&write.key).arg(&value[..]);
                 plain += 1;
             }
             Some(_) => commands.push(set_command(write, value)),

@@ -352,7 +352,9 @@ async fn a_version_key_without_expiry_from_an_older_layout_is_honoured() -> anyh
 /// `write` with its value padded to about 2 KB.
 fn padded(mut write: CacheWrite) -> CacheWrite {
     if let fleet::version_guard::Change::Upsert(value) = &mut write.change {
-        value.extend(std::iter::repeat_n(b' ', 2048));
+        let mut longer = value.to_vec();
+        longer.extend(std::iter::repeat_n(b' ', 2048));
+        *value = longer.into();
     }
     write
 }
@@ -427,7 +429,7 @@ async fn concurrent_writers_on_the_same_keys_end_at_the_highest_versions() -> an
             }
             fleet::version_guard::Change::Upsert(bytes) => {
                 anyhow::ensure!(
-                    value.map(String::into_bytes) == Some(bytes),
+                    value.as_deref().map(str::as_bytes) == Some(&bytes[..]),
                     "{name} at {v}"
                 );
                 anyhow::ensure!(state == Some(v.to_string()), "{name}: {state:?}");
@@ -497,7 +499,7 @@ proptest! {
                                 prop_assert_eq!(state, Some(format!("{highest}:deleted")));
                             }
                             fleet::version_guard::Change::Upsert(bytes) => {
-                                prop_assert_eq!(value.map(String::into_bytes), Some(bytes));
+                                prop_assert_eq!(value.as_deref().map(str::as_bytes), Some(&bytes[..]));
                                 prop_assert_eq!(state, Some(highest.to_string()));
                                 // Stale upserts after it put the key back with its own TTL.
                                 prop_assert_eq!(value_ttl > 0, write.ttl.is_some(), "PTTL {}", value_ttl);

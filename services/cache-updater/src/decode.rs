@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use fleet::envelope::{parse_object_keeping_raw, version_field, PayloadError};
 use fleet::key_template::json_kind;
 use fleet::mapping::{EntityMapping, OriginMarker};
@@ -163,7 +164,7 @@ impl QueueRules {
                 })?;
             return Ok(Decoded::Write {
                 op: Op::Entity,
-                writes: vec![mapping.upsert(&payload, body)?],
+                writes: vec![mapping.upsert(&payload, Bytes::copy_from_slice(body))?],
                 event_ms: None,
             });
         };
@@ -229,7 +230,7 @@ fn envelope(
                     let value = present(value).ok_or_else(|| PayloadError::MissingField {
                         field: "value".into(),
                     })?;
-                    CacheWrite::upsert(key, value.get().as_bytes(), version)
+                    CacheWrite::upsert(key, Bytes::copy_from_slice(value.get().as_bytes()), version)
                         .with_ttl(ttl_secs.map(Duration::from_secs))
                 }
                 Op::Delete => CacheWrite::delete(key, version),
@@ -299,7 +300,7 @@ fn warm_entries(
         })?;
         let ttl_secs = ttl(&entry, &field("ttl_secs"))?.or(default_ttl);
         writes.push(
-            CacheWrite::upsert(key, value.get().as_bytes(), version)
+            CacheWrite::upsert(key, Bytes::copy_from_slice(value.get().as_bytes()), version)
                 .with_ttl(ttl_secs.map(Duration::from_secs)),
         );
     }
@@ -412,9 +413,9 @@ mod tests {
         ));
         assert_eq!(op, Op::Warm);
         assert_eq!(w.len(), 2);
-        assert_eq!(w[0].change, Change::Upsert(br#""x""#.to_vec()));
+        assert_eq!(w[0].change, Change::Upsert(Bytes::from_static(br#""x""#)));
         assert_eq!(w[0].ttl, Some(Duration::from_secs(30)));
-        assert_eq!(w[1].change, Change::Upsert(b"[1]".to_vec()));
+        assert_eq!(w[1].change, Change::Upsert(Bytes::copy_from_slice(b"[1]")));
         assert_eq!(w[1].ttl, Some(Duration::from_secs(5)));
         assert_eq!(w[1].version, None);
     }
@@ -426,7 +427,7 @@ mod tests {
         let (op, w) = writes(r.decode(body, None));
         assert_eq!(op, Op::Entity);
         assert_eq!(w[0].key, "product:1");
-        assert_eq!(w[0].change, Change::Upsert(body.to_vec()));
+        assert_eq!(w[0].change, Change::Upsert(Bytes::copy_from_slice(body)));
         assert_eq!(
             r.decode(br#"{"product_id": 1}"#, None),
             Decoded::Poison(PayloadError::MissingField {
@@ -504,7 +505,7 @@ mod tests {
         ));
         assert_eq!(
             w[0].change,
-            Change::Upsert(br#"{"s": "a\"b\u00e9", "n": [1, 2 ]}"#.to_vec())
+            Change::Upsert(Bytes::from_static(br#"{"s": "a\"b\u00e9", "n": [1, 2 ]}"#))
         );
         // A plain entity sees every field, those read as raw text too.
         let entity = rules(Some("p:{value}"), Some("entries"));

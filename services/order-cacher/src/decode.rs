@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use fleet::envelope::{check_size, parse_fields, parse_object, PayloadError};
 use fleet::key_template::{json_kind, KeyTemplate};
 use fleet::mapping::{EntityMapping, OriginMarker};
@@ -24,6 +25,28 @@ pub struct Incoming<'a, H> {
     pub timestamp_ms: Option<i64>,
     /// Looks up a header by name: `None` when absent, `Some(None)` for a null value.
     pub header: H,
+}
+
+/// The values of upserts, copied out of Kafka's buffers into shared chunks: one allocation
+/// per chunk instead of one per message. Each value is a slice of its chunk, and a chunk is
+/// freed once the writes holding its slices are dropped.
+#[derive(Default)]
+pub struct ValueArena {
+    chunk: BytesMut,
+}
+
+impl ValueArena {
+    /// Room for about 200 orders of 300 bytes; a larger value gets a chunk of its own size.
+    const CHUNK_BYTES: usize = 64 * 1024;
+
+    /// A copy of `value` in the current chunk, or in a new one when it does not fit.
+    pub fn copy(&mut self, value: &[u8]) -> Bytes {
+        if self.chunk.capacity() - self.chunk.len() < value.len() {
+            self.chunk = BytesMut::with_capacity(Self::CHUNK_BYTES.max(value.len()));
+        }
+        self.chunk.extend_from_slice(value);
+        self.chunk.split().freeze()
+    }
 }
 
 /// What to do with one message.
@@ -129,8 +152,8 @@ impl TopicRules {
         }
     }
 
-    /// Decides what a message does.
-    pub fn decode<'a, H>(&self, message: &Incoming<'a, H>) -> Decoded
+    /// Decides what a message does; an upserted value is copied into `values`.
+    pub fn decode<'a, H>(&self, message: &Incoming<'a, H>, values: &mut ValueArena) -> Decoded
     where
         H: Fn(&str) -> Option<Option<&'a [u8]>>,
     {
@@ -143,7 +166,7 @@ impl TopicRules {
             return Decoded::SkippedOrigin;
         }
         let result = match message.payload {
-            Some(body) => self.decode_upsert(body, message.timestamp_ms),
+            Some(body) => self.decode_upsert(body, message.timestamp_ms, values),
             None => self.decode_tombstone(message.key, &message.header),
         };
         match result {
@@ -182,12 +205,13 @@ impl TopicRules {
         &self,
         body: &[u8],
         timestamp_ms: Option<i64>,
+        values: &mut ValueArena,
     ) -> Result<Option<Decoded>, PayloadError> {
         let payload = parse_fields(body, self.max_message_bytes, &self.fields)?;
         if self.origin.matches_payload(&payload) {
             return Ok(None);
         }
-        let write = self.mapping.upsert(&payload, body)?;
+        let write = self.mapping.upsert(&payload, values.copy(body))?;
         let mut indexes = Vec::new();
         for (rule, index) in self.indexes.iter().enumerate() {
             let member = match &index.member_template {
@@ -358,7 +382,25 @@ mod tests {
                     .map(|(_, v)| Some(*v))
             },
         };
-        rules.decode(&message)
+        rules.decode(&message, &mut ValueArena::default())
+    }
+
+    #[test]
+    fn values_share_chunks_and_a_large_one_gets_its_own() {
+        let mut values = ValueArena::default();
+        let first = values.copy(b"first");
+        let second = values.copy(b"second");
+        assert_eq!((&first[..], &second[..]), (&b"first"[..], &b"second"[..]));
+        // One chunk: the second value starts where the first ends.
+        assert_eq!(second.as_ptr(), first.as_ptr().wrapping_add(first.len()));
+        let large = vec![b'x'; ValueArena::CHUNK_BYTES + 1];
+        assert_eq!(&values.copy(&large)[..], &large[..]);
+        // A value that no longer fits the current chunk starts a new one.
+        let filler = vec![b'y'; ValueArena::CHUNK_BYTES - 10];
+        let filled = values.copy(&filler);
+        let next = values.copy(b"does not fit");
+        assert_ne!(next.as_ptr(), filled.as_ptr().wrapping_add(filled.len()));
+        assert_eq!(&next[..], b"does not fit");
     }
 
     #[test]
@@ -371,7 +413,7 @@ mod tests {
         };
         assert_eq!(write.key, "order:1001");
         assert_eq!(write.version, Some(Version::new(3)));
-        assert_eq!(write.change, Change::Upsert(body.to_vec()));
+        assert_eq!(write.change, Change::Upsert(Bytes::copy_from_slice(body)));
         assert!(indexes.is_empty());
     }
 
@@ -394,7 +436,7 @@ mod tests {
         assert_eq!(write.key, "order:5");
         assert_eq!(
             write.change,
-            Change::Upsert(body.to_vec()),
+            Change::Upsert(Bytes::copy_from_slice(body)),
             "stored as received"
         );
     }

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use crate::config::OrderCacherConfig;
 use crate::context::OrderContext;
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
-use crate::decode::{Decoded, Incoming, IndexEntry, TopicRules};
+use crate::decode::{Decoded, Incoming, IndexEntry, TopicRules, ValueArena};
 use crate::metrics::PipelineMetrics;
 use crate::ownership::{Attempt, Ownership, TaggedPartition};
 
@@ -249,6 +249,7 @@ pub async fn run(
         consumer: &consumer,
         rules: &rules,
         topic_names: rules.iter().map(|r| Arc::from(r.topic.as_str())).collect(),
+        values: ValueArena::default(),
         batch: Batch::new(batch_size),
         paused: false,
     };
@@ -467,6 +468,8 @@ struct Reader<'a> {
     rules: &'a [TopicRules],
     /// The topics' names, shared with the batches' slots.
     topic_names: Vec<Arc<str>>,
+    /// Where the batches' upserted values are copied to.
+    values: ValueArena,
     batch: Batch,
     paused: bool,
 }
@@ -497,7 +500,7 @@ impl Reader<'_> {
             },
         };
         let batch = &mut self.batch;
-        match rules.decode(&incoming) {
+        match rules.decode(&incoming, &mut self.values) {
             Decoded::Write { write, indexes } => {
                 let at = batch.writes.len();
                 if write.change == Change::Delete && !rules.indexes.is_empty() {
