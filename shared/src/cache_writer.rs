@@ -141,13 +141,23 @@ impl CacheWriter {
         pipe: &redis::Pipeline,
         shutdown: &Shutdown,
     ) -> Option<()> {
-        self.retrying(pipe.len(), shutdown, &Open, |mut conn| async move {
+        self.run_pipeline_gated(pipe, shutdown, &Open).await.ok()
+    }
+
+    /// Runs an idempotent pipeline like [`CacheWriter::run_pipeline`], asking `gate` before
+    /// every attempt, as [`CacheWriter::write_gated`] does.
+    pub async fn run_pipeline_gated<G: AttemptGate>(
+        &mut self,
+        pipe: &redis::Pipeline,
+        shutdown: &Shutdown,
+        gate: &G,
+    ) -> Result<(), Stopped> {
+        self.retrying(pipe.len(), shutdown, gate, |mut conn| async move {
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(GuardError::from)
         })
         .await
-        .ok()
     }
 
     /// Reads the values at `keys` (`None` where a key is missing), with the same retries as

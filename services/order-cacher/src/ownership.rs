@@ -41,6 +41,12 @@ pub trait TaggedPartition {
     fn tagged(&self) -> (&str, i32, u64);
 }
 
+impl<P: TaggedPartition> TaggedPartition for &P {
+    fn tagged(&self) -> (&str, i32, u64) {
+        (**self).tagged()
+    }
+}
+
 impl Ownership {
     /// The tag for messages read now.
     pub fn tag(&self) -> u64 {

@@ -441,13 +441,85 @@ async fn index_removals(
     Some(removals)
 }
 
-/// Lets a write attempt run only while every partition of its batch is still owned.
-struct OwnedSlots<'a> {
-    ownership: &'a Ownership,
-    slots: &'a [Slot],
+/// Index updates in the order of the batch's writes. An upsert that is now current
+/// (applied, or applied before: a duplicate after a crash) adds its entries, unless its
+/// slot is marked in `lost`; ZADD is idempotent, so a replay is harmless. A delete that
+/// applied takes its key out of the indexes the deleted value was in (those whose members
+/// are entry keys): the value stored before the batch (`removals`: write and index keys)
+/// and any written earlier in the same batch. Removals are kept for lost slots too: once
+/// the value is gone, nobody else knows which indexes held the entry.
+fn index_pipeline(
+    rules: &[TopicRules],
+    batch: &Batch,
+    outcomes: &[WriteOutcome],
+    removals: &[(usize, Vec<String>)],
+    lost: &[bool],
+) -> redis::Pipeline {
+    let mut removals = removals.iter().peekable();
+    let mut entries = batch.indexes.iter().peekable();
+    let mut pipe = redis::pipe();
+    for (at, write) in batch.writes.iter().enumerate() {
+        let owned = !lost.get(batch.write_slots[at]).copied().unwrap_or(false);
+        while let Some((_, topic, entry)) = entries.next_if(|(w, _, _)| *w == at) {
+            if owned && outcomes.get(at) != Some(&WriteOutcome::Stale) {
+                add_to_index(rules, &mut pipe, *topic, entry);
+            }
+        }
+        let Some((_, stored)) = removals.next_if(|(w, _)| *w == at) else {
+            continue;
+        };
+        if outcomes.get(at) != Some(&WriteOutcome::Applied) {
+            continue;
+        }
+        let earlier = batch
+            .indexes
+            .iter()
+            .take_while(|(w, _, _)| *w < at)
+            .filter(|(w, topic, entry)| {
+                batch.writes[*w].key == write.key
+                    && rules[*topic].indexes[entry.rule].members_are_entry_keys()
+            })
+            .map(|(_, _, entry)| &entry.key);
+        for index_key in stored.iter().chain(earlier) {
+            pipe.cmd("ZREM").arg(index_key).arg(&write.key).ignore();
+        }
+    }
+    pipe
 }
 
-impl<'a> AttemptGate for OwnedSlots<'a> {
+fn add_to_index(
+    rules: &[TopicRules],
+    pipe: &mut redis::Pipeline,
+    topic: usize,
+    entry: &IndexEntry,
+) {
+    let rule = &rules[topic].indexes[entry.rule];
+    pipe.cmd("ZADD")
+        .arg(&entry.key)
+        .arg(entry.score)
+        .arg(&entry.member)
+        .ignore();
+    // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
+    pipe.cmd("ZREMRANGEBYRANK")
+        .arg(&entry.key)
+        .arg(0)
+        .arg(-(rule.max_entries as i64) - 1)
+        .ignore();
+    if let Some(ttl) = rule.ttl {
+        pipe.cmd("PEXPIRE")
+            .arg(&entry.key)
+            .arg(ttl.as_millis() as u64)
+            .ignore();
+    }
+}
+
+/// Lets a write attempt run only while every partition of its batch is still owned.
+struct OwnedSlots<'a, P> {
+    ownership: &'a Ownership,
+    slots: &'a [P],
+}
+
+impl<'a, P: TaggedPartition> AttemptGate for OwnedSlots<'a, P> {
     type Permit = Attempt<'a>;
 
     fn enter(&self) -> Option<Attempt<'a>> {
@@ -725,9 +797,32 @@ impl BatchWriter {
         shutdown: &Shutdown,
     ) -> bool {
         if !batch.indexes.is_empty() || !removals.is_empty() {
-            let pipe = self.index_pipeline(batch, outcomes, removals);
-            if !pipe.is_empty() && self.cache.run_pipeline(&pipe, shutdown).await.is_none() {
-                return false;
+            // Like the write, the index additions of a partition revoked since its messages
+            // were read are left to its next owner, which re-reads them (as duplicates, which
+            // add their entries). Were they added after the revoke, they could land after
+            // that owner has deleted the entry and taken it out of the index.
+            let ownership = Arc::clone(self.consumer.context().ownership());
+            loop {
+                let lost = ownership.lost(&batch.slots);
+                let pipe = index_pipeline(&self.rules, batch, outcomes, removals, &lost);
+                if pipe.is_empty() {
+                    break;
+                }
+                let kept: Vec<&Slot> = batch
+                    .slots
+                    .iter()
+                    .zip(&lost)
+                    .filter_map(|(slot, &lost)| (!lost).then_some(slot))
+                    .collect();
+                let gate = OwnedSlots {
+                    ownership: &ownership,
+                    slots: &kept,
+                };
+                match self.cache.run_pipeline_gated(&pipe, shutdown, &gate).await {
+                    Ok(()) => break,
+                    Err(Stopped::Shutdown) => return false,
+                    Err(Stopped::Refused) => continue,
+                }
             }
         }
 
@@ -749,70 +844,6 @@ impl BatchWriter {
         self.metrics.batch_size.observe(batch.messages as f64);
         self.store_offsets(batch);
         true
-    }
-
-    /// Index updates in the order of the batch's writes. An upsert that is now current
-    /// (applied, or applied before: a duplicate after a crash) adds its entries; ZADD is
-    /// idempotent, so a replay is harmless. A delete that applied takes its key out of the
-    /// indexes the deleted value was in (those whose members are entry keys): the value
-    /// stored before the batch (`removals`: write and index keys) and any written earlier in
-    /// the same batch.
-    fn index_pipeline(
-        &self,
-        batch: &Batch,
-        outcomes: &[WriteOutcome],
-        removals: &[(usize, Vec<String>)],
-    ) -> redis::Pipeline {
-        let mut removals = removals.iter().peekable();
-        let mut entries = batch.indexes.iter().peekable();
-        let mut pipe = redis::pipe();
-        for (at, write) in batch.writes.iter().enumerate() {
-            while let Some((_, topic, entry)) = entries.next_if(|(w, _, _)| *w == at) {
-                if outcomes.get(at) != Some(&WriteOutcome::Stale) {
-                    self.add_to_index(&mut pipe, *topic, entry);
-                }
-            }
-            let Some((_, stored)) = removals.next_if(|(w, _)| *w == at) else {
-                continue;
-            };
-            if outcomes.get(at) != Some(&WriteOutcome::Applied) {
-                continue;
-            }
-            let earlier = batch
-                .indexes
-                .iter()
-                .take_while(|(w, _, _)| *w < at)
-                .filter(|(w, topic, entry)| {
-                    batch.writes[*w].key == write.key
-                        && self.rules[*topic].indexes[entry.rule].members_are_entry_keys()
-                })
-                .map(|(_, _, entry)| &entry.key);
-            for index_key in stored.iter().chain(earlier) {
-                pipe.cmd("ZREM").arg(index_key).arg(&write.key).ignore();
-            }
-        }
-        pipe
-    }
-
-    fn add_to_index(&self, pipe: &mut redis::Pipeline, topic: usize, entry: &IndexEntry) {
-        let rule = &self.rules[topic].indexes[entry.rule];
-        pipe.cmd("ZADD")
-            .arg(&entry.key)
-            .arg(entry.score)
-            .arg(&entry.member)
-            .ignore();
-        // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
-        pipe.cmd("ZREMRANGEBYRANK")
-            .arg(&entry.key)
-            .arg(0)
-            .arg(-(rule.max_entries as i64) - 1)
-            .ignore();
-        if let Some(ttl) = rule.ttl {
-            pipe.cmd("PEXPIRE")
-                .arg(&entry.key)
-                .arg(ttl.as_millis() as u64)
-                .ignore();
-        }
     }
 
     fn store_offsets(&self, batch: &Batch) {
@@ -925,6 +956,70 @@ mod tests {
         assert!(
             !batch.commutes(),
             "a last-writer-wins write depends on order"
+        );
+    }
+
+    #[test]
+    fn a_lost_slot_adds_nothing_to_the_indexes_but_keeps_its_removals() {
+        use crate::config::{IndexConfig, TopicConfig};
+        use fleet::key_template::KeyTemplate;
+        let config = TopicConfig {
+            name: "orders".into(),
+            key_template: KeyTemplate::parse("order:{order_id}").unwrap(),
+            version_field: None,
+            ttl_secs: None,
+            dead_letter_topic: None,
+            indexes: vec![IndexConfig {
+                key_template: KeyTemplate::parse("user:{user_id}:orders").unwrap(),
+                member_template: None,
+                score_field: "timestamp".into(),
+                max_entries: 10,
+                ttl_secs: None,
+            }],
+        };
+        let rules = [TopicRules::new(
+            &config,
+            &fleet::mapping::OriginMarker::default(),
+            1024,
+        )];
+        let topic: Arc<str> = Arc::from("orders");
+        let mut batch = Batch::new(4);
+        // Partition 0 keeps its slot; partition 1's is lost.
+        for (partition, write) in [
+            (0, CacheWrite::upsert("order:kept", "{}", None)),
+            (1, CacheWrite::upsert("order:lost", "{}", None)),
+            (1, CacheWrite::delete("order:gone", None)),
+        ] {
+            let slot = batch.slot(0, &topic, partition, 0);
+            let at = batch.writes.len();
+            if matches!(write.change, Change::Upsert(_)) {
+                let mut index_entry = entry("user:u1:orders");
+                index_entry.member = write.key.clone();
+                batch.indexes.push((at, 0, index_entry));
+            }
+            batch.writes.push(write);
+            batch.write_slots.push(slot);
+        }
+        let removals = [(2, vec!["user:u2:orders".to_string()])];
+        let outcomes = [WriteOutcome::Applied; 3];
+        let packed = |lost: &[bool]| {
+            String::from_utf8_lossy(
+                &index_pipeline(&rules, &batch, &outcomes, &removals, lost).get_packed_pipeline(),
+            )
+            .into_owned()
+        };
+
+        let all = packed(&[false, false]);
+        assert!(
+            all.contains("order:kept") && all.contains("order:lost"),
+            "{all}"
+        );
+        let kept = packed(&[false, true]);
+        assert!(kept.contains("order:kept"), "{kept}");
+        assert!(!kept.contains("order:lost"), "{kept}");
+        assert!(
+            kept.contains("ZREM\r\n$14\r\nuser:u2:orders\r\n$10\r\norder:gone"),
+            "{kept}"
         );
     }
 }
