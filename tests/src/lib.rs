@@ -96,6 +96,39 @@ pub async fn redis() -> anyhow::Result<redis::aio::MultiplexedConnection> {
     Ok(client.get_multiplexed_async_connection().await?)
 }
 
+/// Creates (or resets) the Redis ACL user `user` with `password`, every key and channel, and
+/// every command but those in `denied` (such as `zrem`). Returns a `redis://` URL for it.
+pub async fn redis_acl_user(user: &str, password: &str, denied: &[&str]) -> anyhow::Result<String> {
+    let mut setuser = redis::cmd("ACL");
+    setuser
+        .arg("SETUSER")
+        .arg(user)
+        .arg("reset")
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all");
+    for command in denied {
+        setuser.arg(format!("-{command}"));
+    }
+    setuser.query_async::<()>(&mut redis().await?).await?;
+    Ok(format!(
+        "redis://{user}:{password}@{}",
+        socket_addr_of(&redis_url())
+    ))
+}
+
+/// Removes a user made by [`redis_acl_user`].
+pub async fn delete_redis_acl_user(user: &str) -> anyhow::Result<()> {
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(user)
+        .query_async::<()>(&mut redis().await?)
+        .await?;
+    Ok(())
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, failing with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(
     what: &str,

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use fleet_tests::{
-    deps_dir, redis, redis_url, socket_addr_of, unique_name, FaultProxy, ServiceBuilder,
-};
+use fleet_tests::{deps_dir, redis_url, socket_addr_of, unique_name, FaultProxy, ServiceBuilder};
 
 /// (binary, default metrics port, env prefix)
 const SERVICES: [(&str, u16, &str); 4] = [
@@ -204,22 +202,12 @@ async fn kafka_outage_shows_in_readiness() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn redis_acl_user_connects_and_its_password_stays_out_of_logs() -> anyhow::Result<()> {
-    let mut conn = redis().await?;
     let user = unique_name("acl").replace('-', "_");
     let password = format!("pw-{}", unique_name("secret"));
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{password}"))
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .query_async::<()>(&mut conn)
-        .await?;
+    let user_url = fleet_tests::redis_acl_user(&user, &password, &[]).await?;
     let url = socket_addr_of(&redis_url());
     let mut service = ServiceBuilder::new("order-cacher")
-        .env("REDIS_URL", format!("redis://{user}:{password}@{url}"))
+        .env("REDIS_URL", user_url)
         .env("RUST_LOG", "debug")
         .spawn()?;
     service.wait_ready(READY_TIMEOUT).await?;
@@ -248,12 +236,7 @@ async fn redis_acl_user_connects_and_its_password_stays_out_of_logs() -> anyhow:
         !service.logs().contains(&password),
         "password leaked into logs"
     );
-    redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async::<()>(&mut conn)
-        .await?;
-    Ok(())
+    fleet_tests::delete_redis_acl_user(&user).await
 }
 
 #[tokio::test]

@@ -609,20 +609,9 @@ async fn a_delete_interrupted_before_its_index_removal_still_leaves_the_index_cl
     ));
     let mut conn = redis().await?;
     let user = scenario.prefix.replace('-', "_");
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(">no-zrem")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .arg("-zrem")
-        .query_async::<()>(&mut conn)
-        .await?;
-    let address = socket_addr_of(&redis_url());
+    let no_zrem = fleet_tests::redis_acl_user(&user, "no-zrem", &["zrem"]).await?;
     let mut first = service_with(config.clone())
-        .env("REDIS_URL", format!("redis://{user}:no-zrem@{address}"))
+        .env("REDIS_URL", no_zrem)
         .spawn()?;
     first.wait_ready(READY).await?;
 
@@ -666,10 +655,5 @@ async fn a_delete_interrupted_before_its_index_removal_still_leaves_the_index_cl
         "the deleted order left its index: {members:?}"
     );
     second.stop().await?;
-    redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async::<()>(&mut conn)
-        .await?;
-    Ok(())
+    fleet_tests::delete_redis_acl_user(&user).await
 }
