@@ -704,16 +704,17 @@ impl BatchWriter {
         let mut in_flight = FuturesOrdered::new();
         // Whether the batch in flight must be written alone.
         let mut alone = false;
-        let mut next: Option<Batch> = None;
+        // The next batch, and whether it commutes.
+        let mut next: Option<(Batch, bool)> = None;
         let mut open = true;
         // Not raced with shutdown: the reader closes the channel after handing over the
         // last batch, and a batch stuck on a Redis outage gives up on shutdown by itself.
         loop {
-            let may_start = |batch: &mut Batch| {
+            let may_start = |&mut (_, commutes): &mut (Batch, bool)| {
                 in_flight.is_empty()
-                    || (!alone && in_flight.len() < self.batches_in_flight && batch.commutes())
+                    || (!alone && in_flight.len() < self.batches_in_flight && commutes)
             };
-            if let Some(batch) = next.take_if(may_start) {
+            if let Some((batch, commutes)) = next.take_if(may_start) {
                 if !self
                     .dead_letters
                     .send_all(&batch.dead_letters, &shutdown)
@@ -722,7 +723,7 @@ impl BatchWriter {
                     self.load.finish();
                     break;
                 }
-                alone = !batch.commutes();
+                alone = !commutes;
                 in_flight.push_back(self.write(batch, shutdown.clone()));
             }
             tokio::select! {
@@ -744,7 +745,10 @@ impl BatchWriter {
                     handled += batch.messages as u64;
                 }
                 got = batches.recv(), if open && next.is_none() => match got {
-                    Some(batch) => next = Some(batch),
+                    Some(batch) => {
+                        let commutes = batch.commutes();
+                        next = Some((batch, commutes));
+                    }
                     None => open = false,
                 },
                 else => break,
