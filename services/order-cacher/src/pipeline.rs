@@ -30,6 +30,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::OrderCacherConfig;
 use crate::context::OrderContext;
@@ -724,10 +725,22 @@ impl BatchWriter {
                     break;
                 }
                 alone = !commutes;
-                in_flight.push_back(self.write(batch, shutdown.clone()));
+                // A task of its own, so the write goes on (and its attempt ends, which a
+                // revoke waits for) while this loop finishes an earlier batch.
+                in_flight.push_back(AbortOnDropHandle::new(tokio::spawn(
+                    self.write(batch, shutdown.clone()),
+                )));
             }
             tokio::select! {
-                Some((batch, written)) = in_flight.next() => {
+                Some(joined) = in_flight.next() => {
+                    let (batch, written) = match joined {
+                        Ok(written) => written,
+                        Err(e) => {
+                            tracing::error!(error = %e, "Batch write task failed; its offsets stay uncommitted.");
+                            self.load.finish();
+                            break;
+                        }
+                    };
                     let finished = match written {
                         Some((outcomes, removals)) => {
                             self.finish(&batch, &outcomes, &removals, &shutdown).await
@@ -759,7 +772,11 @@ impl BatchWriter {
 
     /// Writes a batch. Messages of partitions revoked since they were read are dropped,
     /// before the write and between its attempts: their next owner writes them.
-    fn write(&self, mut batch: Batch, shutdown: Shutdown) -> impl Future<Output = Written> {
+    fn write(
+        &self,
+        mut batch: Batch,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = Written> + Send + 'static {
         let mut cache = self.cache.clone();
         let rules = Arc::clone(&self.rules);
         let ownership = Arc::clone(self.consumer.context().ownership());
