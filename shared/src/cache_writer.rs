@@ -102,24 +102,16 @@ impl CacheWriter {
         })
     }
 
-    /// Writes one batch and returns each write's outcome, in order.
+    /// Writes one batch and returns each write's outcome, in order, asking `gate` before
+    /// every attempt ([`Open`] lets every attempt go ahead).
     ///
     /// Failures are retried with backoff for as long as it takes: guarded writes are
     /// idempotent, so re-sending a batch that half-applied is safe. The first attempt runs
     /// even after shutdown was asked, so in-flight work can finish; retries give up on
-    /// shutdown and return `None`, and the caller must then ack or commit nothing of the batch.
-    pub async fn write(
-        &mut self,
-        writes: &[CacheWrite],
-        shutdown: &Shutdown,
-    ) -> Option<Vec<WriteOutcome>> {
-        self.write_gated(writes, shutdown, &Open).await.ok()
-    }
-
-    /// Writes one batch like [`CacheWriter::write`], asking `gate` before every attempt:
-    /// when the gate says no, the write stops with [`Stopped::Refused`], and the caller may
-    /// change the batch and write it again. The gate's permit is held while an attempt runs,
-    /// so the gate's owner can wait for the attempt in flight.
+    /// shutdown with [`Stopped::Shutdown`], and the caller must then ack or commit nothing of
+    /// the batch. When the gate says no, the write stops with [`Stopped::Refused`], and the
+    /// caller may change the batch and write it again. The gate's permit is held while an
+    /// attempt runs, so the gate's owner can wait for the attempt in flight.
     pub async fn write_gated<G: AttemptGate>(
         &mut self,
         writes: &[CacheWrite],
@@ -135,7 +127,7 @@ impl CacheWriter {
     }
 
     /// Runs an idempotent pipeline (such as index updates) with the same retries as
-    /// [`CacheWriter::write`].
+    /// [`CacheWriter::write_gated`].
     pub async fn run_pipeline(
         &mut self,
         pipe: &redis::Pipeline,
@@ -161,7 +153,7 @@ impl CacheWriter {
     }
 
     /// Reads the values at `keys` (`None` where a key is missing), with the same retries as
-    /// [`CacheWriter::write`]. `None` means shutdown came first.
+    /// [`CacheWriter::write_gated`]. `None` means shutdown came first.
     pub async fn read_values(
         &mut self,
         keys: &[&str],

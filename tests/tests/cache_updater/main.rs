@@ -807,6 +807,15 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
         anyhow::Ok(rounds)
     };
     let expect_round = |n: u64| format!(r#"{{"round":{n}}}"#);
+    let round_written = |n: u64, what: &'static str| {
+        let (rounds_in_redis, expect_round) = (&rounds_in_redis, &expect_round);
+        async move {
+            wait_for(what, DRAIN, || async {
+                Ok((rounds_in_redis().await? == vec![expect_round(n); KEYS]).then_some(()))
+            })
+            .await
+        }
+    };
 
     let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
     let amqp_link = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
@@ -823,10 +832,7 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
     publisher
         .publish(&s.exchange, "cache.update", &round(1))
         .await?;
-    wait_for("round 1 written by A", DRAIN, || async {
-        Ok((rounds_in_redis().await? == vec![expect_round(1); KEYS]).then_some(()))
-    })
-    .await?;
+    round_written(1, "round 1 written by A").await?;
 
     // A's shard is stuck on another key's write, and round 2 waits behind it.
     redis_link.cut();
@@ -857,17 +863,11 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
     .await?;
     let mut b = s.service("prefetch = 100").spawn()?;
     b.wait_ready(READY).await?;
-    wait_for("round 2 written by B", DRAIN, || async {
-        Ok((rounds_in_redis().await? == vec![expect_round(2); KEYS]).then_some(()))
-    })
-    .await?;
+    round_written(2, "round 2 written by B").await?;
     publisher
         .publish(&s.exchange, "cache.update", &round(3))
         .await?;
-    wait_for("round 3 written by B", DRAIN, || async {
-        Ok((rounds_in_redis().await? == vec![expect_round(3); KEYS]).then_some(()))
-    })
-    .await?;
+    round_written(3, "round 3 written by B").await?;
 
     // A's Redis comes back; what it held was taken back by the broker.
     redis_link.restore();
