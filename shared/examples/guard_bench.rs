@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
                 if script_floor {
                     let mut call = floor.prepare_invoke();
                     for write in &writes {
-                        call.key(&write.key);
+                        call.key(&*write.key);
                     }
                     for _ in &writes {
                         call.arg(value.as_slice());

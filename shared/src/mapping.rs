@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::envelope::{version_field, PayloadError};
 use crate::key_template::KeyTemplate;
 use crate::version::Version;
-use crate::version_guard::CacheWrite;
+use crate::version_guard::{CacheKey, CacheWrite};
 
 /// How one topic's or queue's plain JSON messages map to cache entries.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,7 +63,17 @@ impl EntityMapping {
         payload: &Map<String, Value>,
         body: Bytes,
     ) -> Result<CacheWrite, PayloadError> {
-        let key = self.key_template.render(payload)?;
+        self.upsert_at(self.key_template.render(payload)?.into(), payload, body)
+    }
+
+    /// The upsert that stores `body` at `key`, which the caller rendered from `payload` with
+    /// this mapping's template (into a buffer of its own, say).
+    pub fn upsert_at(
+        &self,
+        key: CacheKey,
+        payload: &Map<String, Value>,
+        body: Bytes,
+    ) -> Result<CacheWrite, PayloadError> {
         let version = self.version(payload)?;
         Ok(CacheWrite::upsert(key, body, version).with_ttl(self.ttl()))
     }

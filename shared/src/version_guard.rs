@@ -135,11 +135,15 @@ pub enum Change {
     Delete,
 }
 
+/// A cache key: UTF-8 text in a [`Bytes`], so that a batch's keys can be slices of one
+/// shared buffer, as its values are.
+pub type CacheKey = bytestring::ByteString;
+
 /// One cache write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheWrite {
     /// The Redis key readers `GET`.
-    pub key: String,
+    pub key: CacheKey,
     /// Upsert or delete.
     pub change: Change,
     /// The change's version; `None` makes it a plain last-writer-wins write.
@@ -151,7 +155,7 @@ pub struct CacheWrite {
 impl CacheWrite {
     /// An upsert.
     pub fn upsert(
-        key: impl Into<String>,
+        key: impl Into<CacheKey>,
         value: impl Into<Bytes>,
         version: Option<Version>,
     ) -> Self {
@@ -164,7 +168,7 @@ impl CacheWrite {
     }
 
     /// A delete.
-    pub fn delete(key: impl Into<String>, version: Option<Version>) -> Self {
+    pub fn delete(key: impl Into<CacheKey>, version: Option<Version>) -> Self {
         Self {
             key: key.into(),
             change: Change::Delete,
@@ -455,7 +459,7 @@ impl VersionGuard {
         let mut seen: HashMap<&str, usize> = HashMap::with_capacity(run.len());
         let mut layers: Vec<Vec<usize>> = Vec::new();
         for &index in run {
-            let count = seen.entry(writes[index].key.as_str()).or_insert(0);
+            let count = seen.entry(&*writes[index].key).or_insert(0);
             if *count == layers.len() {
                 layers.push(Vec::new());
             }
@@ -536,7 +540,7 @@ impl VersionGuard {
         let ordered: Vec<usize> = by_bucket.values().flatten().copied().collect();
         cmd.arg(ordered.len() + by_bucket.len() + 1);
         for &index in &ordered {
-            cmd.arg(&writes[index].key);
+            cmd.arg(&*writes[index].key);
         }
         for &slot in by_bucket.keys() {
             cmd.arg(bucket_name(slot));
@@ -600,7 +604,7 @@ fn value_writes(writes: &[CacheWrite], indices: &[usize]) -> Vec<Cmd> {
         };
         match write.ttl {
             None => {
-                mset.arg(&write.key).arg(&value[..]);
+                mset.arg(&*write.key).arg(&value[..]);
                 plain += 1;
             }
             Some(_) => commands.push(set_command(write, value)),
@@ -653,7 +657,7 @@ fn plain_command(write: &CacheWrite) -> Cmd {
         Change::Upsert(value) => set_command(write, value),
         Change::Delete => {
             let mut cmd = redis::cmd("DEL");
-            cmd.arg(&write.key);
+            cmd.arg(&*write.key);
             cmd
         }
     }
@@ -662,7 +666,7 @@ fn plain_command(write: &CacheWrite) -> Cmd {
 /// `SET key value`, with `PX` when the write has a TTL.
 fn set_command(write: &CacheWrite, value: &[u8]) -> Cmd {
     let mut cmd = redis::cmd("SET");
-    cmd.arg(&write.key).arg(value);
+    cmd.arg(&*write.key).arg(value);
     if let Some(ttl) = write.ttl {
         cmd.arg("PX").arg(ttl_millis(ttl));
     }

@@ -133,8 +133,8 @@ async fn unversioned_writes_are_last_writer_wins() -> anyhow::Result<()> {
     let key = format!("{}:plain", unique_name("vg"));
     let g = guard();
     let writes = vec![
-        CacheWrite::upsert(&key, "a", None),
-        CacheWrite::upsert(&key, "b", None),
+        CacheWrite::upsert(key.as_str(), "a", None),
+        CacheWrite::upsert(key.as_str(), "b", None),
     ];
     assert_eq!(
         g.apply_batch(&mut conn, &writes).await?,
@@ -146,7 +146,7 @@ async fn unversioned_writes_are_last_writer_wins() -> anyhow::Result<()> {
         None,
         "no version is recorded"
     );
-    g.apply_batch(&mut conn, &[CacheWrite::delete(&key, None)])
+    g.apply_batch(&mut conn, &[CacheWrite::delete(key.as_str(), None)])
         .await?;
     assert!(!conn.exists::<_, bool>(&key).await?);
     Ok(())
@@ -159,13 +159,14 @@ async fn batch_reports_each_outcome_in_order() -> anyhow::Result<()> {
     let (a, b) = (format!("{prefix}:a"), format!("{prefix}:b"));
     let g = guard().with_entries_per_call(3);
     let writes = vec![
-        CacheWrite::upsert(&a, "a2", Some(Version::new(2))),
-        CacheWrite::upsert(&a, "a1", Some(Version::new(1))),
-        CacheWrite::upsert(&b, "b5", Some(Version::new(5))),
-        CacheWrite::upsert(&a, "a2", Some(Version::new(2))),
-        CacheWrite::delete(&b, Some(Version::new(6))),
-        CacheWrite::upsert(&b, "b7", Some(Version::new(7))).with_ttl(Some(Duration::from_secs(30))),
-        CacheWrite::upsert(&a, "a3", Some(Version::new(3))),
+        CacheWrite::upsert(a.as_str(), "a2", Some(Version::new(2))),
+        CacheWrite::upsert(a.as_str(), "a1", Some(Version::new(1))),
+        CacheWrite::upsert(b.as_str(), "b5", Some(Version::new(5))),
+        CacheWrite::upsert(a.as_str(), "a2", Some(Version::new(2))),
+        CacheWrite::delete(b.as_str(), Some(Version::new(6))),
+        CacheWrite::upsert(b.as_str(), "b7", Some(Version::new(7)))
+            .with_ttl(Some(Duration::from_secs(30))),
+        CacheWrite::upsert(a.as_str(), "a3", Some(Version::new(3))),
     ];
     use WriteOutcome::*;
     assert_eq!(
@@ -202,9 +203,9 @@ async fn survives_a_flushed_script_cache() -> anyhow::Result<()> {
         .query_async::<()>(&mut conn)
         .await?;
     let batch = vec![
-        CacheWrite::upsert(&key, "4", Some(Version::new(4))),
-        CacheWrite::upsert(&key, "3", Some(Version::new(3))),
-        CacheWrite::upsert(&key, "5", Some(Version::new(5))),
+        CacheWrite::upsert(key.as_str(), "4", Some(Version::new(4))),
+        CacheWrite::upsert(key.as_str(), "3", Some(Version::new(3))),
+        CacheWrite::upsert(key.as_str(), "5", Some(Version::new(5))),
     ];
     assert_eq!(
         g.apply_batch(&mut conn, &batch).await?,
@@ -236,14 +237,14 @@ async fn a_stale_upsert_leaves_the_key_exactly_as_it_was() -> anyhow::Result<()>
         .await?;
     use WriteOutcome::*;
     let late = vec![
-        CacheWrite::upsert(&live, "v4", Some(Version::new(4))),
-        CacheWrite::upsert(&deleted, "v4", Some(Version::new(4))),
+        CacheWrite::upsert(live.as_str(), "v4", Some(Version::new(4))),
+        CacheWrite::upsert(deleted.as_str(), "v4", Some(Version::new(4))),
     ];
     assert_eq!(g.apply_batch(&mut conn, &late).await?, vec![Stale, Stale]);
     let late_with_ttl = vec![
-        CacheWrite::upsert(&live, "v5", Some(Version::new(5)))
+        CacheWrite::upsert(live.as_str(), "v5", Some(Version::new(5)))
             .with_ttl(Some(Duration::from_secs(5))),
-        CacheWrite::upsert(&deleted, "v3", Some(Version::new(3)))
+        CacheWrite::upsert(deleted.as_str(), "v3", Some(Version::new(3)))
             .with_ttl(Some(Duration::from_secs(5))),
     ];
     assert_eq!(
@@ -270,8 +271,8 @@ async fn a_corrupt_version_state_refuses_the_whole_batch_and_changes_nothing() -
     let _: () = conn.set(&corrupt, "before").await?;
     let _: () = conn.set(version_key(&corrupt), "not a version").await?;
     let batch = vec![
-        CacheWrite::upsert(&good, "after", Some(Version::new(1))),
-        CacheWrite::upsert(&corrupt, "after", Some(Version::new(1))),
+        CacheWrite::upsert(good.as_str(), "after", Some(Version::new(1))),
+        CacheWrite::upsert(corrupt.as_str(), "after", Some(Version::new(1))),
     ];
     let error = g.apply_batch(&mut conn, &batch).await.unwrap_err();
     assert!(!error.is_transient(), "{error}");
@@ -739,7 +740,7 @@ async fn cluster_mode_keeps_every_call_on_one_slot_of_a_real_cluster() -> anyhow
         }
         let first: Vec<CacheWrite> = mine
             .iter()
-            .map(|k| CacheWrite::upsert(k, "v5", Some(Version::new(5))))
+            .map(|k| CacheWrite::upsert(k.as_str(), "v5", Some(Version::new(5))))
             .collect();
         assert!(guard
             .apply_batch(&mut conn, &first)
@@ -750,10 +751,10 @@ async fn cluster_mode_keeps_every_call_on_one_slot_of_a_real_cluster() -> anyhow
         let mut second = Vec::new();
         for (i, key) in mine.iter().enumerate() {
             second.push(match i % 4 {
-                0 => CacheWrite::upsert(key, "v4", Some(Version::new(4))),
-                1 => CacheWrite::upsert(key, "v5", Some(Version::new(5))),
-                2 => CacheWrite::delete(key, Some(Version::new(6))),
-                _ => CacheWrite::upsert(key, "v7", Some(Version::new(7)))
+                0 => CacheWrite::upsert(key.as_str(), "v4", Some(Version::new(4))),
+                1 => CacheWrite::upsert(key.as_str(), "v5", Some(Version::new(5))),
+                2 => CacheWrite::delete(key.as_str(), Some(Version::new(6))),
+                _ => CacheWrite::upsert(key.as_str(), "v7", Some(Version::new(7)))
                     .with_ttl(Some(Duration::from_secs(60))),
             });
         }

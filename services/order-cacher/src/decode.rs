@@ -7,7 +7,7 @@ use fleet::envelope::{check_size, parse_fields, parse_object, PayloadError};
 use fleet::key_template::{json_kind, KeyTemplate};
 use fleet::mapping::{EntityMapping, OriginMarker};
 use fleet::version::Version;
-use fleet::version_guard::CacheWrite;
+use fleet::version_guard::{CacheKey, CacheWrite};
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
@@ -27,26 +27,45 @@ pub struct Incoming<'a, H> {
     pub header: H,
 }
 
-/// The values of upserts, copied out of Kafka's buffers into shared chunks: one allocation
-/// per chunk instead of one per message. Each value is a slice of its chunk, and a chunk is
-/// freed once the writes holding its slices are dropped.
+/// The keys and values of upserts, copied into shared chunks: one allocation per chunk
+/// instead of one or two per message. Each key or value is a slice of its chunk, and a chunk
+/// is freed once the writes holding its slices are dropped.
 #[derive(Default)]
-pub struct ValueArena {
+pub struct BatchArena {
     chunk: BytesMut,
+    /// Where a key is rendered before it is copied into the chunk; reused for every key.
+    scratch: String,
 }
 
-impl ValueArena {
+impl BatchArena {
     /// Room for about 200 orders of 300 bytes; a larger value gets a chunk of its own size.
     const CHUNK_BYTES: usize = 64 * 1024;
 
     /// A copy of `value` in the current chunk, or in a new one when it does not fit.
     pub fn copy(&mut self, value: &[u8]) -> Bytes {
-        if self.chunk.capacity() - self.chunk.len() < value.len() {
-            self.chunk = BytesMut::with_capacity(Self::CHUNK_BYTES.max(value.len()));
-        }
-        self.chunk.extend_from_slice(value);
-        self.chunk.split().freeze()
+        copy_into(&mut self.chunk, value)
     }
+
+    /// A key rendered by `render` into a reused buffer, then copied into the chunk.
+    pub fn key<E>(
+        &mut self,
+        render: impl FnOnce(&mut String) -> Result<(), E>,
+    ) -> Result<CacheKey, E> {
+        self.scratch.clear();
+        render(&mut self.scratch)?;
+        let bytes = copy_into(&mut self.chunk, self.scratch.as_bytes());
+        // The bytes were a `String` a moment ago, so the check cannot fail; were it ever to,
+        // a key of its own is as good.
+        Ok(CacheKey::try_from(bytes).unwrap_or_else(|_| CacheKey::from(self.scratch.as_str())))
+    }
+}
+
+fn copy_into(chunk: &mut BytesMut, value: &[u8]) -> Bytes {
+    if chunk.capacity() - chunk.len() < value.len() {
+        *chunk = BytesMut::with_capacity(BatchArena::CHUNK_BYTES.max(value.len()));
+    }
+    chunk.extend_from_slice(value);
+    chunk.split().freeze()
 }
 
 /// What to do with one message.
@@ -152,8 +171,8 @@ impl TopicRules {
         }
     }
 
-    /// Decides what a message does; an upserted value is copied into `values`.
-    pub fn decode<'a, H>(&self, message: &Incoming<'a, H>, values: &mut ValueArena) -> Decoded
+    /// Decides what a message does; an upsert's key and value are copied into `arena`.
+    pub fn decode<'a, H>(&self, message: &Incoming<'a, H>, arena: &mut BatchArena) -> Decoded
     where
         H: Fn(&str) -> Option<Option<&'a [u8]>>,
     {
@@ -166,7 +185,7 @@ impl TopicRules {
             return Decoded::SkippedOrigin;
         }
         let result = match message.payload {
-            Some(body) => self.decode_upsert(body, message.timestamp_ms, values),
+            Some(body) => self.decode_upsert(body, message.timestamp_ms, arena),
             None => self.decode_tombstone(message.key, &message.header),
         };
         match result {
@@ -205,18 +224,19 @@ impl TopicRules {
         &self,
         body: &[u8],
         timestamp_ms: Option<i64>,
-        values: &mut ValueArena,
+        arena: &mut BatchArena,
     ) -> Result<Option<Decoded>, PayloadError> {
         let payload = parse_fields(body, self.max_message_bytes, &self.fields)?;
         if self.origin.matches_payload(&payload) {
             return Ok(None);
         }
-        let write = self.mapping.upsert(&payload, values.copy(body))?;
+        let key = arena.key(|out| self.mapping.key_template.render_into(&payload, out))?;
+        let write = self.mapping.upsert_at(key, &payload, arena.copy(body))?;
         let mut indexes = Vec::new();
         for (rule, index) in self.indexes.iter().enumerate() {
             let member = match &index.member_template {
                 Some(template) => template.render(&payload)?,
-                None => write.key.clone(),
+                None => write.key.to_string(),
             };
             indexes.push(IndexEntry {
                 rule,
@@ -382,25 +402,49 @@ mod tests {
                     .map(|(_, v)| Some(*v))
             },
         };
-        rules.decode(&message, &mut ValueArena::default())
+        rules.decode(&message, &mut BatchArena::default())
     }
 
     #[test]
     fn values_share_chunks_and_a_large_one_gets_its_own() {
-        let mut values = ValueArena::default();
+        let mut values = BatchArena::default();
         let first = values.copy(b"first");
         let second = values.copy(b"second");
         assert_eq!((&first[..], &second[..]), (&b"first"[..], &b"second"[..]));
         // One chunk: the second value starts where the first ends.
         assert_eq!(second.as_ptr(), first.as_ptr().wrapping_add(first.len()));
-        let large = vec![b'x'; ValueArena::CHUNK_BYTES + 1];
+        let large = vec![b'x'; BatchArena::CHUNK_BYTES + 1];
         assert_eq!(&values.copy(&large)[..], &large[..]);
         // A value that no longer fits the current chunk starts a new one.
-        let filler = vec![b'y'; ValueArena::CHUNK_BYTES - 10];
+        let filler = vec![b'y'; BatchArena::CHUNK_BYTES - 10];
         let filled = values.copy(&filler);
         let next = values.copy(b"does not fit");
         assert_ne!(next.as_ptr(), filled.as_ptr().wrapping_add(filled.len()));
         assert_eq!(&next[..], b"does not fit");
+    }
+
+    #[test]
+    fn keys_share_the_chunk_with_values() {
+        let mut arena = BatchArena::default();
+        let value = arena.copy(b"{}");
+        let key = arena
+            .key(|out| {
+                out.push_str("order:1");
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        assert_eq!(key, "order:1");
+        assert_eq!(key.as_bytes().as_ptr(), value.as_ptr().wrapping_add(2));
+        let again = arena.key(|out| {
+            out.push_str("order:2");
+            Ok::<_, ()>(())
+        });
+        assert_eq!(
+            again.unwrap(),
+            "order:2",
+            "the buffer is cleared for each key"
+        );
+        assert_eq!(arena.key(|_| Err("missing field")), Err("missing field"));
     }
 
     #[test]

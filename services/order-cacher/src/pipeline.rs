@@ -35,7 +35,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::config::OrderCacherConfig;
 use crate::context::OrderContext;
 use crate::dead_letter::{DeadLetter, DeadLetterProducer};
-use crate::decode::{Decoded, Incoming, IndexEntry, TopicRules, ValueArena};
+use crate::decode::{BatchArena, Decoded, Incoming, IndexEntry, TopicRules};
 use crate::metrics::PipelineMetrics;
 use crate::ownership::{Attempt, Ownership, TaggedPartition};
 
@@ -250,7 +250,7 @@ pub async fn run(
         consumer: &consumer,
         rules: &rules,
         topic_names: rules.iter().map(|r| Arc::from(r.topic.as_str())).collect(),
-        values: ValueArena::default(),
+        arena: BatchArena::default(),
         batch: Batch::new(batch_size),
         paused: false,
     };
@@ -405,7 +405,7 @@ async fn index_removals(
     let keys: Vec<&str> = batch
         .index_deletes
         .iter()
-        .map(|&(write, _)| batch.writes[write].key.as_str())
+        .map(|&(write, _)| &*batch.writes[write].key)
         .collect();
     let stored = cache.read_values(&keys, shutdown).await?;
     let mut before_write = redis::pipe();
@@ -429,7 +429,7 @@ async fn index_removals(
                     before_write
                         .cmd("ZREM")
                         .arg(index_key)
-                        .arg(&delete.key)
+                        .arg(&*delete.key)
                         .ignore();
                 }
             }
@@ -482,7 +482,7 @@ fn index_pipeline(
             })
             .map(|(_, _, entry)| &entry.key);
         for index_key in stored.iter().chain(earlier) {
-            pipe.cmd("ZREM").arg(index_key).arg(&write.key).ignore();
+            pipe.cmd("ZREM").arg(index_key).arg(&*write.key).ignore();
         }
     }
     pipe
@@ -541,8 +541,8 @@ struct Reader<'a> {
     rules: &'a [TopicRules],
     /// The topics' names, shared with the batches' slots.
     topic_names: Vec<Arc<str>>,
-    /// Where the batches' upserted values are copied to.
-    values: ValueArena,
+    /// Where the batches' upserted keys and values are copied to.
+    arena: BatchArena,
     batch: Batch,
     paused: bool,
 }
@@ -573,7 +573,7 @@ impl Reader<'_> {
             },
         };
         let batch = &mut self.batch;
-        match rules.decode(&incoming, &mut self.values) {
+        match rules.decode(&incoming, &mut self.arena) {
             Decoded::Write { write, indexes } => {
                 let at = batch.writes.len();
                 if write.change == Change::Delete && !rules.indexes.is_empty() {
@@ -939,7 +939,7 @@ mod tests {
         assert_eq!(batch.drop_slots(&[false, false, false]), 0);
         // Partition 1's slot is lost.
         assert_eq!(batch.drop_slots(&[false, true, false]), 2);
-        let keys: Vec<&str> = batch.writes.iter().map(|w| w.key.as_str()).collect();
+        let keys: Vec<&str> = batch.writes.iter().map(|w| &*w.key).collect();
         assert_eq!(keys, ["a", "c"]);
         assert_eq!(batch.write_slots, [0, 1]);
         assert_eq!(batch.timestamps_ms, [Some(10), Some(11)]);
@@ -1015,7 +1015,7 @@ mod tests {
             let at = batch.writes.len();
             if matches!(write.change, Change::Upsert(_)) {
                 let mut index_entry = entry("user:u1:orders");
-                index_entry.member = write.key.clone();
+                index_entry.member = write.key.to_string();
                 batch.indexes.push((at, 0, index_entry));
             }
             batch.writes.push(write);
