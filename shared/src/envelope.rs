@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::payload::PayloadFields;
 use crate::version::{Version, VersionError};
 
 /// What a change does to its key.
@@ -138,7 +139,8 @@ pub fn check_size(body: &[u8], max_bytes: usize) -> Result<(), PayloadError> {
     Ok(())
 }
 
-/// Parses a plain entity payload, such as `{"order_id": "1001", "amount": 299.99}`.
+/// Parses a plain entity payload, such as `{"order_id": "1001", "amount": 299.99}`. A decoder
+/// that reads only a few of its fields has the lighter [`crate::payload::parse_fields`].
 pub fn parse_object(body: &[u8], max_bytes: usize) -> Result<Map<String, Value>, PayloadError> {
     check_size(body, max_bytes)?;
     match serde_json::from_slice::<Value>(body) {
@@ -146,18 +148,6 @@ pub fn parse_object(body: &[u8], max_bytes: usize) -> Result<Map<String, Value>,
         Ok(_) => Err(PayloadError::NotObject),
         Err(e) => Err(PayloadError::NotJson(e.to_string())),
     }
-}
-
-/// Parses a plain entity payload like [`parse_object`], but keeps only the top-level fields
-/// named in `wanted`. The rest is checked for JSON syntax and skipped without building
-/// values: for a decoder that reads three fields of a large message, that is most of the
-/// parsing cost.
-pub fn parse_fields(
-    body: &[u8],
-    max_bytes: usize,
-    wanted: &[String],
-) -> Result<Map<String, Value>, PayloadError> {
-    parse_sparse(body, max_bytes, Some(wanted), []).map(|object| object.fields)
 }
 
 /// A JSON object read in one pass by [`parse_object_keeping_raw`].
@@ -178,18 +168,17 @@ pub fn parse_object_keeping_raw<'a, const N: usize>(
     max_bytes: usize,
     raw: [&str; N],
 ) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
-    parse_sparse(body, max_bytes, None, raw)
+    parse_sparse(body, max_bytes, raw)
 }
 
 fn parse_sparse<'a, const N: usize>(
     body: &'a [u8],
     max_bytes: usize,
-    wanted: Option<&[String]>,
     raw: [&str; N],
 ) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
     check_size(body, max_bytes)?;
     let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields { wanted, raw }, &mut de)
+    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields { raw }, &mut de)
         .and_then(|object| de.end().map(|()| object));
     match parsed {
         Ok(Some(object)) => Ok(object),
@@ -209,10 +198,8 @@ mod sparse {
     use super::ObjectWithRaw;
 
     /// A top-level JSON value: `Some` object, `None` for any other type. Fields named in
-    /// `raw` are kept as text; of the others, only those in `wanted` are kept (all of them
-    /// when `wanted` is `None`).
+    /// `raw` are kept as text.
     pub(super) struct Fields<'w, const N: usize> {
-        pub(super) wanted: Option<&'w [String]>,
         pub(super) raw: [&'w str; N],
     }
 
@@ -237,13 +224,8 @@ mod sparse {
             while let Some(Key(key)) = map.next_key()? {
                 if let Some(i) = self.raw.iter().position(|name| **name == *key) {
                     raw[i] = Some(map.next_value::<&'de RawValue>()?);
-                } else if self
-                    .wanted
-                    .is_none_or(|wanted| wanted.iter().any(|name| *name == *key))
-                {
-                    fields.insert(key.into_owned(), map.next_value()?);
                 } else {
-                    map.next_value::<IgnoredAny>()?;
+                    fields.insert(key.into_owned(), map.next_value()?);
                 }
             }
             Ok(Some(ObjectWithRaw { fields, raw }))
@@ -307,13 +289,14 @@ mod sparse {
 
 /// Reads an optional version from a field of a plain payload.
 pub fn version_field(
-    payload: &Map<String, Value>,
+    payload: &impl PayloadFields,
     field: &str,
 ) -> Result<Option<Version>, PayloadError> {
-    match payload.get(field) {
-        None | Some(Value::Null) => Ok(None),
+    match payload.field(field) {
+        None => Ok(None),
+        Some(value) if value.is_null() => Ok(None),
         Some(value) => {
-            Version::from_json(value)
+            Version::from_field(value)
                 .map(Some)
                 .map_err(|source| PayloadError::InvalidVersion {
                     field: field.to_string(),
@@ -372,54 +355,6 @@ mod tests {
         assert!(matches!(
             parse_object_keeping_raw(br#"{"v": 1} x"#, 1024, ["v"]),
             Err(PayloadError::NotJson(_))
-        ));
-    }
-
-    #[test]
-    fn parse_fields_keeps_only_the_wanted_fields_and_errs_like_parse_object() {
-        let wanted = vec![
-            "order_id".to_string(),
-            "meta".to_string(),
-            "k\"ey".to_string(),
-        ];
-        let body = br#"{"order_id": 7, "pad": [1, {"x": "y"}], "meta": {"a": [1]}, "k\"ey": 1, "s": "\u00e9"}"#;
-        let map = parse_fields(body, 1024, &wanted).unwrap();
-        assert_eq!(map.len(), 3);
-        assert_eq!(map["order_id"], serde_json::json!(7));
-        assert_eq!(map["meta"], serde_json::json!({"a": [1]}));
-        let full = parse_object(body, 1024).unwrap();
-        assert_eq!(full["meta"], map["meta"]);
-        for bad in [&b"[1, 2]"[..], b"\"text\"", b"3", b"null", b"true"] {
-            assert!(matches!(
-                parse_fields(bad, 1024, &wanted),
-                Err(PayloadError::NotObject)
-            ));
-            assert!(matches!(
-                parse_object(bad, 1024),
-                Err(PayloadError::NotObject)
-            ));
-        }
-        for bad in [
-            &b"not json"[..],
-            b"{\"a\": }",
-            b"{\"order_id\": 1} trailing",
-            b"{\"pad\": [1,]}",
-        ] {
-            assert!(
-                matches!(
-                    parse_fields(bad, 1024, &wanted),
-                    Err(PayloadError::NotJson(_))
-                ),
-                "{bad:?}"
-            );
-            assert!(matches!(
-                parse_object(bad, 1024),
-                Err(PayloadError::NotJson(_))
-            ));
-        }
-        assert!(matches!(
-            parse_fields(&[b' '; 2000], 1024, &wanted),
-            Err(PayloadError::TooLarge { .. })
         ));
     }
 

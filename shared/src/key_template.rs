@@ -3,9 +3,10 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::envelope::PayloadError;
+use crate::payload::{FieldRef, PayloadFields};
 
 /// A parsed key template: literal text with `{field}` placeholders.
 ///
@@ -110,12 +111,12 @@ impl KeyTemplate {
         })
     }
 
-    /// Fills the template from a JSON object, appending the key to `out`.
+    /// Fills the template from a payload's fields, appending the key to `out`.
     ///
     /// Writing into a caller's buffer lets a batch reuse one allocation.
     pub fn render_into(
         &self,
-        payload: &Map<String, Value>,
+        payload: &impl PayloadFields,
         out: &mut String,
     ) -> Result<(), PayloadError> {
         for part in &self.parts {
@@ -126,18 +127,18 @@ impl KeyTemplate {
                         lookup(payload, path).ok_or_else(|| PayloadError::MissingField {
                             field: path.join("."),
                         })?;
-                    match value {
-                        Value::String(s) if !s.is_empty() => out.push_str(s),
-                        Value::Number(n) if n.is_i64() || n.is_u64() => {
+                    match (value.as_str(), value) {
+                        (Some(text), _) if !text.is_empty() => out.push_str(text),
+                        (_, FieldRef::Json(Value::Number(n))) if n.is_i64() || n.is_u64() => {
                             use std::fmt::Write;
                             let _ = write!(out, "{n}");
                         }
-                        other => {
+                        _ => {
                             return Err(PayloadError::InvalidField {
                                 field: path.join("."),
                                 reason: format!(
                                     "key fields must be a non-empty string or an integer, found {}",
-                                    json_kind(other)
+                                    value.kind()
                                 ),
                             })
                         }
@@ -148,19 +149,24 @@ impl KeyTemplate {
         Ok(())
     }
 
-    /// Fills the template from a JSON object.
-    pub fn render(&self, payload: &Map<String, Value>) -> Result<String, PayloadError> {
+    /// Fills the template from a payload's fields.
+    pub fn render(&self, payload: &impl PayloadFields) -> Result<String, PayloadError> {
         let mut key = String::with_capacity(self.source.len() + 16);
         self.render_into(payload, &mut key)?;
         Ok(key)
     }
 }
 
-fn lookup<'a>(payload: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+/// A dotted path's value: its first segment is a field of the payload, the rest walk into
+/// nested objects.
+fn lookup<'a>(payload: &'a impl PayloadFields, path: &[String]) -> Option<FieldRef<'a>> {
     let (first, rest) = path.split_first()?;
-    let mut value = payload.get(first)?;
+    let mut value = payload.field(first)?;
     for segment in rest {
-        value = value.as_object()?.get(segment)?;
+        let FieldRef::Json(Value::Object(object)) = value else {
+            return None;
+        };
+        value = FieldRef::Json(object.get(segment)?);
     }
     Some(value)
 }
@@ -201,10 +207,41 @@ impl<'de> Deserialize<'de> for KeyTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::envelope::parse_object;
+    use crate::payload::parse_fields;
+    use serde_json::{json, Map};
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_sparse_payload_renders_as_the_parsed_object_does() {
+        let templates = ["order:{order_id}", "c:{customer.id}:{order_id}", "{a}{{x}}"];
+        let bodies = [
+            r#"{"order_id": "1001", "customer": {"id": 7}, "a": "b"}"#,
+            r#"{"order_id": 5, "customer": {"id": "c\u00e9"}, "a": 1}"#,
+            r#"{"order_id": "", "customer": {"id": 1.5}, "a": null}"#,
+            r#"{"order_id": [1], "customer": "flat", "a": true}"#,
+            r#"{"customer": {}, "a": {"b": 1}}"#,
+            r#"{"order_id": -3, "order_id": "later", "a": "x\"y"}"#,
+        ];
+        for source in templates {
+            let template = KeyTemplate::parse(source).unwrap();
+            let wanted: Vec<String> = template
+                .fields()
+                .map(|field| field.split('.').next().unwrap().to_string())
+                .collect();
+            for body in bodies {
+                let full = parse_object(body.as_bytes(), 1024).unwrap();
+                let sparse = parse_fields(body.as_bytes(), 1024, &wanted).unwrap();
+                assert_eq!(
+                    template.render(&sparse),
+                    template.render(&full),
+                    "{source} {body}"
+                );
+            }
+        }
     }
 
     #[test]

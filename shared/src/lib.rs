@@ -5,7 +5,7 @@
 //! - [`observability`]: Prometheus metrics, readiness, `/metrics` `/healthz` `/readyz`.
 //! - [`shutdown`]: cancellation plus a named task set with a grace period.
 //! - [`version_guard`]: version-guarded Redis writes, the core of cache consistency.
-//! - [`envelope`], [`key_template`], [`version`]: reading changes from messages.
+//! - [`envelope`], [`payload`], [`key_template`], [`version`]: reading changes from messages.
 //! - [`mapping`]: plain entity payloads to cache writes, and the two-way-sync origin marker.
 //! - [`cache_writer`]: version-guarded batches retried until written.
 //! - [`redis_conn`], [`kafka`], [`amqp`]: broker clients; [`retry`]: backoff.
@@ -20,6 +20,7 @@ pub mod kafka;
 pub mod key_template;
 pub mod mapping;
 pub mod observability;
+pub mod payload;
 pub mod redis_conn;
 pub mod retry;
 pub mod secret;

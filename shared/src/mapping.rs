@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 use crate::envelope::{version_field, PayloadError};
 use crate::key_template::KeyTemplate;
+use crate::payload::{FieldRef, PayloadFields};
 use crate::version::Version;
 use crate::version_guard::{CacheKey, CacheWrite};
 
@@ -45,7 +45,7 @@ impl EntityMapping {
     }
 
     /// The payload's version, required when a version field is configured.
-    pub fn version(&self, payload: &Map<String, Value>) -> Result<Option<Version>, PayloadError> {
+    pub fn version(&self, payload: &impl PayloadFields) -> Result<Option<Version>, PayloadError> {
         let Some(field) = &self.version_field else {
             return Ok(None);
         };
@@ -60,7 +60,7 @@ impl EntityMapping {
     /// The upsert that stores `body`, the message exactly as received, at the templated key.
     pub fn upsert(
         &self,
-        payload: &Map<String, Value>,
+        payload: &impl PayloadFields,
         body: Bytes,
     ) -> Result<CacheWrite, PayloadError> {
         self.upsert_at(self.key_template.render(payload)?.into(), payload, body)
@@ -71,7 +71,7 @@ impl EntityMapping {
     pub fn upsert_at(
         &self,
         key: CacheKey,
-        payload: &Map<String, Value>,
+        payload: &impl PayloadFields,
         body: Bytes,
     ) -> Result<CacheWrite, PayloadError> {
         let version = self.version(payload)?;
@@ -124,9 +124,9 @@ impl OriginMarker {
     }
 
     /// Whether a payload field marks the message.
-    pub fn matches_payload(&self, payload: &Map<String, Value>) -> bool {
+    pub fn matches_payload(&self, payload: &impl PayloadFields) -> bool {
         self.enabled
-            && matches!(payload.get(&self.field), Some(Value::String(s)) if *s == self.value)
+            && payload.field(&self.field).and_then(FieldRef::as_str) == Some(self.value.as_str())
     }
 }
 
@@ -134,7 +134,7 @@ impl OriginMarker {
 mod tests {
     use super::*;
     use crate::version_guard::Change;
-    use serde_json::json;
+    use serde_json::{json, Map, Value};
 
     fn mapping(version_field: Option<&str>) -> EntityMapping {
         EntityMapping {

@@ -8,6 +8,8 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::payload::FieldRef;
+
 /// A monotonically increasing version of one entry. Higher wins.
 ///
 /// Built from a non-negative integer (a counter, a sequence number, epoch milliseconds), a
@@ -42,6 +44,14 @@ impl Version {
     /// The number that orders this version.
     pub const fn get(self) -> u64 {
         self.0
+    }
+
+    /// Reads a version from a payload field.
+    pub fn from_field(field: FieldRef<'_>) -> Result<Self, VersionError> {
+        match field {
+            FieldRef::Str(text) => text.parse(),
+            FieldRef::Json(value) => Self::from_json(value),
+        }
     }
 
     /// Reads a version from a JSON field value.

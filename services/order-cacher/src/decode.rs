@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleet::envelope::{check_size, parse_fields, parse_object, PayloadError};
-use fleet::key_template::{json_kind, KeyTemplate};
+use fleet::envelope::{check_size, parse_object, PayloadError};
+use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
+use fleet::payload::{parse_fields, FieldRef, PayloadFields};
 use fleet::version::Version;
 use fleet::version_guard::{CacheKey, CacheWrite};
 use serde_json::{Map, Value};
@@ -324,7 +325,7 @@ fn header_version(name: &str, bytes: &[u8]) -> Result<Version, PayloadError> {
 /// An index score: a number, or a timestamp as Unix seconds; the message's own timestamp
 /// when the field is absent.
 fn score(
-    payload: &Map<String, Value>,
+    payload: &impl PayloadFields,
     field: &str,
     timestamp_ms: Option<i64>,
 ) -> Result<f64, PayloadError> {
@@ -332,26 +333,32 @@ fn score(
         field: field.to_string(),
         reason,
     };
-    match payload.get(field) {
-        None | Some(Value::Null) => {
-            timestamp_ms
-                .map(|ms| ms as f64 / 1000.0)
-                .ok_or_else(|| PayloadError::MissingField {
-                    field: field.to_string(),
-                })
-        }
-        Some(Value::Number(n)) => n
+    match payload.field(field) {
+        None => message_time(field, timestamp_ms),
+        Some(value) if value.is_null() => message_time(field, timestamp_ms),
+        Some(FieldRef::Json(Value::Number(n))) => n
             .as_f64()
             .filter(|f| f.is_finite())
             .ok_or_else(|| invalid("is not a finite number".into())),
-        Some(Value::String(text)) => parse_timestamp(text)
-            .map(|t| t.unix_timestamp_nanos() as f64 / 1e9)
-            .ok_or_else(|| invalid("is neither RFC 3339 nor `YYYY-MM-DD HH:MM:SS`".into())),
-        Some(other) => Err(invalid(format!(
-            "must be a number or a timestamp, found {}",
-            json_kind(other)
-        ))),
+        Some(value) => match value.as_str() {
+            Some(text) => parse_timestamp(text)
+                .map(|t| t.unix_timestamp_nanos() as f64 / 1e9)
+                .ok_or_else(|| invalid("is neither RFC 3339 nor `YYYY-MM-DD HH:MM:SS`".into())),
+            None => Err(invalid(format!(
+                "must be a number or a timestamp, found {}",
+                value.kind()
+            ))),
+        },
     }
+}
+
+/// The message's own timestamp, in Unix seconds, for a score field it lacks.
+fn message_time(field: &str, timestamp_ms: Option<i64>) -> Result<f64, PayloadError> {
+    timestamp_ms
+        .map(|ms| ms as f64 / 1000.0)
+        .ok_or_else(|| PayloadError::MissingField {
+            field: field.to_string(),
+        })
 }
 
 /// RFC 3339, or the `2023-01-01 10:00:00` form many producers send, read as UTC.
