@@ -10,6 +10,7 @@ use fleet::payload::{parse_fields, FieldRef, PayloadFields};
 use fleet::version::Version;
 use fleet::version_guard::{CacheKey, CacheWrite};
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
@@ -71,11 +72,15 @@ fn copy_into(chunk: &mut BytesMut, value: &[u8]) -> Bytes {
 
 /// What to do with one message.
 #[derive(Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per message into its batch; boxing would cost an allocation per write"
+)]
 pub enum Decoded {
     /// Write the entry (and its index entries).
     Write {
         write: CacheWrite,
-        indexes: Vec<IndexEntry>,
+        indexes: IndexEntries,
     },
     /// The message came from Redis; skip it.
     SkippedOrigin,
@@ -83,15 +88,19 @@ pub enum Decoded {
     Poison(PayloadError),
 }
 
+/// A message's index entries: kept inline for up to two indexes, so that they cost no
+/// allocation of their own.
+pub type IndexEntries = SmallVec<[IndexEntry; 2]>;
+
 /// One member to add to a secondary index.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexEntry {
     /// Which of the topic's indexes.
     pub rule: usize,
     /// The sorted set's key.
-    pub key: String,
+    pub key: CacheKey,
     /// The member.
-    pub member: String,
+    pub member: CacheKey,
     /// The score.
     pub score: f64,
 }
@@ -233,15 +242,15 @@ impl TopicRules {
         }
         let key = arena.key(|out| self.mapping.key_template.render_into(&payload, out))?;
         let write = self.mapping.upsert_at(key, &payload, arena.copy(body))?;
-        let mut indexes = Vec::new();
+        let mut indexes = IndexEntries::new();
         for (rule, index) in self.indexes.iter().enumerate() {
             let member = match &index.member_template {
-                Some(template) => template.render(&payload)?,
-                None => write.key.to_string(),
+                Some(template) => arena.key(|out| template.render_into(&payload, out))?,
+                None => write.key.clone(),
             };
             indexes.push(IndexEntry {
                 rule,
-                key: index.key_template.render(&payload)?,
+                key: arena.key(|out| index.key_template.render_into(&payload, out))?,
                 member,
                 score: score(&payload, &index.score_field, timestamp_ms)?,
             });
@@ -292,7 +301,7 @@ impl TopicRules {
         };
         Ok(Some(Decoded::Write {
             write: CacheWrite::delete(cache_key, version),
-            indexes: Vec::new(),
+            indexes: IndexEntries::new(),
         }))
     }
 }
@@ -582,7 +591,7 @@ mod tests {
             panic!("a write")
         };
         assert_eq!(
-            indexes,
+            indexes.to_vec(),
             vec![IndexEntry {
                 rule: 0,
                 key: "user:u1:orders".into(),

@@ -480,8 +480,8 @@ fn index_pipeline(
                 batch.writes[*w].key == write.key
                     && rules[*topic].indexes[entry.rule].members_are_entry_keys()
             })
-            .map(|(_, _, entry)| &entry.key);
-        for index_key in stored.iter().chain(earlier) {
+            .map(|(_, _, entry)| &*entry.key);
+        for index_key in stored.iter().map(String::as_str).chain(earlier) {
             pipe.cmd("ZREM").arg(index_key).arg(&*write.key).ignore();
         }
     }
@@ -496,19 +496,19 @@ fn add_to_index(
 ) {
     let rule = &rules[topic].indexes[entry.rule];
     pipe.cmd("ZADD")
-        .arg(&entry.key)
+        .arg(&*entry.key)
         .arg(entry.score)
-        .arg(&entry.member)
+        .arg(&*entry.member)
         .ignore();
     // Keep the highest-scored `max_entries`: drop ranks 0 .. -(max_entries + 1).
     pipe.cmd("ZREMRANGEBYRANK")
-        .arg(&entry.key)
+        .arg(&*entry.key)
         .arg(0)
         .arg(-(rule.max_entries as i64) - 1)
         .ignore();
     if let Some(ttl) = rule.ttl {
         pipe.cmd("PEXPIRE")
-            .arg(&entry.key)
+            .arg(&*entry.key)
             .arg(ttl.as_millis() as u64)
             .ignore();
     }
@@ -946,7 +946,7 @@ mod tests {
         let indexed: Vec<(usize, &str)> = batch
             .indexes
             .iter()
-            .map(|(w, _, e)| (*w, e.key.as_str()))
+            .map(|(w, _, e)| (*w, &*e.key))
             .collect();
         assert_eq!(indexed, [(0, "a"), (1, "c")]);
         assert_eq!(batch.index_deletes, [(0, 0), (1, 0)]);
@@ -1015,7 +1015,7 @@ mod tests {
             let at = batch.writes.len();
             if matches!(write.change, Change::Upsert(_)) {
                 let mut index_entry = entry("user:u1:orders");
-                index_entry.member = write.key.to_string();
+                index_entry.member = write.key.clone();
                 batch.indexes.push((at, 0, index_entry));
             }
             batch.writes.push(write);
