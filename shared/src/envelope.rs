@@ -1,10 +1,11 @@
 //! The change envelope that services exchange, and the errors of reading any payload.
 
+use serde::de::MapAccess;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::payload::PayloadFields;
+use crate::payload::{parse_with, ObjectReader, PayloadFields, Text};
 use crate::version::{Version, VersionError};
 
 /// What a change does to its key.
@@ -168,122 +169,28 @@ pub fn parse_object_keeping_raw<'a, const N: usize>(
     max_bytes: usize,
     raw: [&str; N],
 ) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
-    parse_sparse(body, max_bytes, raw)
+    parse_with(body, max_bytes, KeepingRaw { raw })
 }
 
-fn parse_sparse<'a, const N: usize>(
-    body: &'a [u8],
-    max_bytes: usize,
-    raw: [&str; N],
-) -> Result<ObjectWithRaw<'a, N>, PayloadError> {
-    check_size(body, max_bytes)?;
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = serde::de::DeserializeSeed::deserialize(sparse::Fields { raw }, &mut de)
-        .and_then(|object| de.end().map(|()| object));
-    match parsed {
-        Ok(Some(object)) => Ok(object),
-        Ok(None) => Err(PayloadError::NotObject),
-        Err(e) => Err(PayloadError::NotJson(e.to_string())),
-    }
+/// Reads every field of an object, the ones named in `raw` as their JSON text.
+struct KeepingRaw<'w, const N: usize> {
+    raw: [&'w str; N],
 }
 
-mod sparse {
-    use std::borrow::Cow;
-    use std::fmt;
+impl<'de, const N: usize> ObjectReader<'de> for KeepingRaw<'_, N> {
+    type Object = ObjectWithRaw<'de, N>;
 
-    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-    use serde_json::value::RawValue;
-    use serde_json::Map;
-
-    use super::ObjectWithRaw;
-
-    /// A top-level JSON value: `Some` object, `None` for any other type. Fields named in
-    /// `raw` are kept as text.
-    pub(super) struct Fields<'w, const N: usize> {
-        pub(super) raw: [&'w str; N],
-    }
-
-    impl<'de, const N: usize> DeserializeSeed<'de> for Fields<'_, N> {
-        type Value = Option<ObjectWithRaw<'de, N>>;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-            de.deserialize_any(self)
-        }
-    }
-
-    impl<'de, const N: usize> Visitor<'de> for Fields<'_, N> {
-        type Value = Option<ObjectWithRaw<'de, N>>;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a JSON value")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut fields = Map::new();
-            let mut raw = [None; N];
-            while let Some(Key(key)) = map.next_key()? {
-                if let Some(i) = self.raw.iter().position(|name| **name == *key) {
-                    raw[i] = Some(map.next_value::<&'de RawValue>()?);
-                } else {
-                    fields.insert(key.into_owned(), map.next_value()?);
-                }
+    fn read<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Object, A::Error> {
+        let mut fields = Map::new();
+        let mut raw = [None; N];
+        while let Some(Text(name)) = map.next_key()? {
+            if let Some(i) = self.raw.iter().position(|wanted| **wanted == *name) {
+                raw[i] = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                fields.insert(name.into_owned(), map.next_value()?);
             }
-            Ok(Some(ObjectWithRaw { fields, raw }))
         }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-    }
-
-    /// An object key, borrowed from the input unless it has escapes.
-    struct Key<'de>(Cow<'de, str>);
-
-    impl<'de> serde::Deserialize<'de> for Key<'de> {
-        fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-            struct KeyVisitor;
-            impl<'de> Visitor<'de> for KeyVisitor {
-                type Value = Key<'de>;
-
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("an object key")
-                }
-
-                fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Self::Value, E> {
-                    Ok(Key(Cow::Borrowed(key)))
-                }
-
-                fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
-                    Ok(Key(Cow::Owned(key.to_owned())))
-                }
-            }
-            de.deserialize_str(KeyVisitor)
-        }
+        Ok(ObjectWithRaw { fields, raw })
     }
 }
 

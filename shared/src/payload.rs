@@ -111,37 +111,16 @@ pub fn parse_fields<'a>(
     max_bytes: usize,
     wanted: &[String],
 ) -> Result<SparseFields<'a>, PayloadError> {
-    check_size(body, max_bytes)?;
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = Wanted(wanted)
-        .deserialize(&mut de)
-        .and_then(|object| de.end().map(|()| object));
-    match parsed {
-        Ok(Some(object)) => Ok(object),
-        Ok(None) => Err(PayloadError::NotObject),
-        Err(e) => Err(PayloadError::NotJson(e.to_string())),
-    }
+    parse_with(body, max_bytes, Wanted(wanted))
 }
 
-/// A top-level JSON value: `Some` object with the wanted fields, `None` for any other type.
+/// Keeps the fields named in it.
 struct Wanted<'w>(&'w [String]);
 
-impl<'de> DeserializeSeed<'de> for Wanted<'_> {
-    type Value = Option<SparseFields<'de>>;
+impl<'de> ObjectReader<'de> for Wanted<'_> {
+    type Object = SparseFields<'de>;
 
-    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
-        de.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Wanted<'_> {
-    type Value = Option<SparseFields<'de>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn read<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Object, A::Error> {
         let mut object = SparseFields::default();
         while let Some(Text(name)) = map.next_key()? {
             if !self.0.iter().any(|wanted| *wanted == *name) {
@@ -154,7 +133,58 @@ impl<'de> Visitor<'de> for Wanted<'_> {
                 None => object.fields.push((name, value)),
             }
         }
-        Ok(Some(object))
+        Ok(object)
+    }
+}
+
+/// Reads the fields of a JSON object from its map access.
+pub(crate) trait ObjectReader<'de> {
+    /// What it makes of the object.
+    type Object;
+
+    /// Reads the object's fields, every one of them (skipping a value still checks it).
+    fn read<A: MapAccess<'de>>(self, map: A) -> Result<Self::Object, A::Error>;
+}
+
+/// Parses `body` as one JSON value: the object `reader` reads, or `NotObject` for a value of
+/// any other type.
+pub(crate) fn parse_with<'de, R: ObjectReader<'de>>(
+    body: &'de [u8],
+    max_bytes: usize,
+    reader: R,
+) -> Result<R::Object, PayloadError> {
+    check_size(body, max_bytes)?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = TopLevel(reader)
+        .deserialize(&mut de)
+        .and_then(|object| de.end().map(|()| object));
+    match parsed {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => Err(PayloadError::NotObject),
+        Err(e) => Err(PayloadError::NotJson(e.to_string())),
+    }
+}
+
+/// A top-level JSON value: `Some` object, `None` for any other type.
+struct TopLevel<R>(R);
+
+impl<'de, R: ObjectReader<'de>> DeserializeSeed<'de> for TopLevel<R> {
+    type Value = Option<R::Object>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de, R: ObjectReader<'de>> Visitor<'de> for TopLevel<R> {
+    type Value = Option<R::Object>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.read(map).map(Some)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -188,7 +218,7 @@ impl<'de> Visitor<'de> for Wanted<'_> {
 }
 
 /// A string, borrowed from the input unless it has escapes.
-struct Text<'de>(Cow<'de, str>);
+pub(crate) struct Text<'de>(pub(crate) Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
