@@ -15,12 +15,32 @@ bench_python() {
   py=$venv/bin/python
 }
 
-# launch_service <binary> <config file>: runs a release service in the background on $PORT,
-# logging to $tmp/service.log; stop_service (also run on exit) stops it.
+# launch_service <binary> <config file>: runs a service in the background on $PORT, logging to
+# $tmp/service.log; stop_service (also run on exit) stops it. A bare name is the release build
+# of that service; a path is run as it is.
 service_pid=
 launch_service() {
-  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn "target/release/$1" --config "$2" 2>>"$tmp/service.log" &
+  local binary=$1
+  [[ $binary == */* ]] || binary=target/release/$binary
+  METRICS_ADDR=127.0.0.1:$PORT RUST_LOG=warn "$binary" --config "$2" 2>>"$tmp/service.log" &
   service_pid=$!
+}
+
+# start_order_cacher <binary> <topic> <group>: runs order-cacher on <topic> with the version
+# guard on (batches of $BATCH). Its Redis database is flushed before each run: every run writes
+# fresh keys, so it measures applied writes, not duplicates of the run before.
+start_order_cacher() {
+  cat >"$tmp/config.toml" <<TOML
+[consumer]
+group_id = "$3"
+batch_size = $BATCH
+[[topics]]
+name = "$2"
+key_template = "bench:order:{order_id}"
+version_field = "version"
+TOML
+  redis-cli -n 13 flushdb >/dev/null
+  REDIS_URL=redis://127.0.0.1:6379/13 launch_service "$1" "$tmp/config.toml"
 }
 stop_service() { [[ -n $service_pid ]] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null; service_pid=; }
 trap stop_service EXIT

@@ -28,22 +28,8 @@ scripts/deps up redis kafka >/dev/null
 cargo build --release --quiet -p order-cacher
 bench_python
 
-# start_service <topic> <group>: runs order-cacher in the background on $PORT
-start_service() {
-  cat >"$tmp/config.toml" <<TOML
-[consumer]
-group_id = "$2"
-batch_size = $BATCH
-[[topics]]
-name = "$1"
-key_template = "bench:order:{order_id}"
-version_field = "version"
-TOML
-  # A database of its own, flushed before each run: every round writes fresh keys, so the
-  # round measures applied writes, not duplicates of the round before.
-  redis-cli -n 13 flushdb >/dev/null
-  REDIS_URL=redis://127.0.0.1:6379/13 launch_service order-cacher "$tmp/config.toml"
-}
+# start_service <topic> <group>: runs the release order-cacher in the background on $PORT
+start_service() { start_order_cacher order-cacher "$1" "$2"; }
 
 tmp=$(mktemp -d)
 run=$(date +%s)

@@ -35,19 +35,7 @@ redis_pid=$(redis-cli info server | awk -F: '/^process_id/ {print $2+0}')
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 drain() {  # drain <binary> <group> [perf output]
-  cat >"$tmp/config.toml" <<TOML
-[consumer]
-group_id = "$2"
-batch_size = $BATCH
-[[topics]]
-name = "$topic"
-key_template = "bench:order:{order_id}"
-version_field = "version"
-TOML
-  redis-cli -n 13 flushdb >/dev/null
-  METRICS_ADDR=127.0.0.1:$PORT REDIS_URL=redis://127.0.0.1:6379/13 RUST_LOG=warn \
-    "$1" --config "$tmp/config.toml" 2>>"$tmp/service.log" &
-  service_pid=$!
+  start_order_cacher "$1" "$topic" "$2"
   local redis_before
   redis_before=$(ticks "$redis_pid")
   if [[ -n ${3:-} ]]; then
