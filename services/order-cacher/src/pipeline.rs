@@ -562,14 +562,17 @@ impl Reader<'_> {
         let slot = self
             .batch
             .slot(index, &self.topic_names[index], message.partition(), tag);
-        let headers = message.headers();
         let timestamp_ms = message.timestamp().to_millis();
         let incoming = Incoming {
             key: message.key(),
             payload: message.payload(),
             timestamp_ms,
+            // librdkafka parses the headers on first use and keeps them: a message is only
+            // parsed for them when a rule reads one (the origin marker, a tombstone's version).
             header: |name: &str| {
-                headers.and_then(|h| h.iter().find(|x| x.key == name).map(|x| x.value))
+                message
+                    .headers()
+                    .and_then(|h| h.iter().find(|x| x.key == name).map(|x| x.value))
             },
         };
         let batch = &mut self.batch;
@@ -604,7 +607,7 @@ impl Reader<'_> {
                     offset: message.offset(),
                     key: message.key().map(<[u8]>::to_vec),
                     payload: message.payload().map(<[u8]>::to_vec),
-                    headers: headers.map(|h| h.detach()),
+                    headers: message.headers().map(|h| h.detach()),
                     error,
                 });
             }
