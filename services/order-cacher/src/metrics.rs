@@ -92,13 +92,30 @@ impl PipelineMetrics {
         })
     }
 
-    /// Counts one write's outcome.
-    pub fn count(&self, outcome: WriteOutcome) {
-        match outcome {
-            WriteOutcome::Applied => self.applied.inc(),
-            WriteOutcome::Stale => self.stale.inc(),
-            WriteOutcome::Duplicate => self.duplicate.inc(),
+    /// Counts a batch's write outcomes, and observes each write's event-to-cache lag (its
+    /// Kafka timestamp, in Unix milliseconds, against `now_ms`). Tallied locally, then added
+    /// once per batch rather than once per message.
+    pub fn count_written(
+        &self,
+        written: impl Iterator<Item = (WriteOutcome, Option<i64>)>,
+        now_ms: i64,
+    ) {
+        let (mut applied, mut stale, mut duplicate) = (0, 0, 0);
+        let lag = self.event_to_cache_lag.local();
+        for (outcome, timestamp_ms) in written {
+            match outcome {
+                WriteOutcome::Applied => applied += 1,
+                WriteOutcome::Stale => stale += 1,
+                WriteOutcome::Duplicate => duplicate += 1,
+            }
+            if let Some(ms) = timestamp_ms {
+                lag.observe((now_ms - ms).max(0) as f64 / 1000.0);
+            }
         }
+        lag.flush();
+        self.applied.inc_by(applied);
+        self.stale.inc_by(stale);
+        self.duplicate.inc_by(duplicate);
     }
 
     /// Counts skipped messages.

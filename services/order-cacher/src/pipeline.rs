@@ -853,14 +853,13 @@ impl BatchWriter {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        for (outcome, timestamp) in outcomes.iter().zip(&batch.timestamps_ms) {
-            self.metrics.count(*outcome);
-            if let Some(ms) = timestamp {
-                self.metrics
-                    .event_to_cache_lag
-                    .observe((now_ms - ms).max(0) as f64 / 1000.0);
-            }
-        }
+        self.metrics.count_written(
+            outcomes
+                .iter()
+                .copied()
+                .zip(batch.timestamps_ms.iter().copied()),
+            now_ms,
+        );
         self.metrics.count_skipped(batch.skipped);
         for letter in &batch.dead_letters {
             self.metrics.count_dead_letter(letter.error.reason());

@@ -52,6 +52,14 @@ async fn ten_thousand_reordered_duplicated_messages_end_at_the_highest_versions(
             "{family} in:\n{metrics}"
         );
     }
+    let lags = fleet_tests::process::metric_value(
+        &metrics,
+        "order_cacher_event_to_cache_lag_seconds_count",
+    );
+    ensure!(
+        lags == Some(10_000.0),
+        "every write's lag is observed once: {lags:?}"
+    );
     ensure!(
         metrics.contains("order_cacher_rebalances_total{kind=\"assign\"}"),
         "{metrics}"
