@@ -3,7 +3,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use fleet_tests::amqp::{self, Message, Publisher};
@@ -300,7 +300,16 @@ async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops
         .spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&[&first], 3_000.0, DRAIN).await?;
-    let unacked = sample(&first, "cache_updater_unacked_messages").await?;
+    // Acks go out in runs, and the broker refills the window a moment later: kill at a
+    // moment the window is seen full, not at whatever moment one sample lands on.
+    let full_by = Instant::now() + Duration::from_secs(5);
+    let unacked = loop {
+        let unacked = sample(&first, "cache_updater_unacked_messages").await?;
+        if unacked >= 150.0 || Instant::now() > full_by {
+            break unacked;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     first.kill9()?;
     ensure!(
         unacked >= 150.0,
