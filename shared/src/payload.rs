@@ -217,28 +217,18 @@ impl<'de, R: ObjectReader<'de>> Visitor<'de> for TopLevel<R> {
     }
 }
 
-/// A string, borrowed from the input unless it has escapes.
+/// A string, borrowed from the input unless it has escapes: an object's field name.
 pub(crate) struct Text<'de>(pub(crate) Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = Text<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Borrowed(text)))
-            }
-
-            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(text.to_owned())))
-            }
+        match Field::deserialize(de)? {
+            Field::Str(text) => Ok(Text(text)),
+            Field::Json(value) => Err(serde::de::Error::custom(format_args!(
+                "expected a string, found {}",
+                json_kind(&value)
+            ))),
         }
-        de.deserialize_str(TextVisitor)
     }
 }
 
