@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use prometheus::{Histogram, IntCounter};
-use redis::aio::ConnectionManager;
 
 use crate::config::RedisConfig;
 use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics};
+use crate::redis_conn::RedisConnection;
 use crate::shutdown::Shutdown;
 use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
 
@@ -17,7 +17,7 @@ use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
 /// multiplexed connection, which reconnects by itself.
 #[derive(Clone)]
 pub struct CacheWriter {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     guard: VersionGuard,
     status: DependencyStatus,
     metrics: CacheWriterMetrics,
@@ -144,10 +144,30 @@ impl CacheWriter {
         shutdown: &Shutdown,
         gate: &G,
     ) -> Result<(), Stopped> {
-        self.retrying(pipe.len(), shutdown, gate, |mut conn| async move {
-            pipe.query_async::<()>(&mut conn)
+        // A cluster takes a pipeline to the node of its first key, so there it goes as one
+        // pipeline per hash slot, sent together; each keeps its commands' order.
+        let per_slot = if self.conn.is_cluster() {
+            split_by_slot(pipe)
+        } else {
+            Vec::new()
+        };
+        self.retrying(pipe.len(), shutdown, gate, |mut conn| {
+            let per_slot = &per_slot;
+            async move {
+                if per_slot.is_empty() {
+                    return pipe
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(GuardError::from);
+                }
+                futures::future::try_join_all(per_slot.iter().map(|part| {
+                    let mut conn = conn.clone();
+                    async move { part.query_async::<()>(&mut conn).await }
+                }))
                 .await
+                .map(drop)
                 .map_err(GuardError::from)
+            }
         })
         .await
     }
@@ -206,7 +226,7 @@ impl CacheWriter {
         mut attempt: F,
     ) -> Result<T, Stopped>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(RedisConnection) -> Fut,
         Fut: Future<Output = Result<T, GuardError>>,
         G: AttemptGate,
     {
@@ -242,5 +262,60 @@ impl CacheWriter {
                 }
             }
         }
+    }
+}
+
+/// `pipe`'s commands as one pipeline per Redis Cluster hash slot, each in the original order.
+/// A command's key is its first argument, as in the single-key commands these pipelines hold.
+/// Replies are dropped.
+fn split_by_slot(pipe: &redis::Pipeline) -> Vec<redis::Pipeline> {
+    let mut parts: std::collections::BTreeMap<u16, redis::Pipeline> = Default::default();
+    for cmd in pipe.cmd_iter() {
+        let slot = match cmd.args_iter().nth(1) {
+            Some(redis::Arg::Simple(key)) => {
+                crate::version_guard::cluster_slot(&String::from_utf8_lossy(key))
+            }
+            _ => 0,
+        };
+        parts
+            .entry(slot)
+            .or_insert_with(redis::pipe)
+            .add_command(cmd.clone())
+            .ignore();
+    }
+    parts.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_splits_by_slot_keeping_each_slots_order() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg("user:{1}:orders")
+            .arg(1)
+            .arg("order:1");
+        pipe.cmd("ZADD")
+            .arg("user:{2}:orders")
+            .arg(2)
+            .arg("order:2");
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg("user:{1}:orders")
+            .arg(0)
+            .arg(-11);
+        let parts = split_by_slot(&pipe);
+        assert_eq!(parts.len(), 2);
+        let packed: Vec<String> = parts
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.get_packed_pipeline()).into_owned())
+            .collect();
+        let first = packed
+            .iter()
+            .find(|p| p.contains("user:{1}:orders"))
+            .expect("slot of user 1");
+        assert!(first.find("ZADD").unwrap() < first.find("ZREMRANGEBYRANK").unwrap());
+        assert!(!first.contains("user:{2}"));
     }
 }

@@ -257,6 +257,10 @@ pub struct RedisConfig {
     /// Timeout of one command or pipeline in milliseconds.
     #[serde(default = "default_redis_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Redis Cluster: `url` names one node, from which the client learns the others and
+    /// follows slot moves. The version guard then keeps every transaction on one hash slot.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Default for RedisConfig {
@@ -266,6 +270,7 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             connect_timeout_ms: default_connect_timeout_ms(),
             response_timeout_ms: default_redis_response_timeout_ms(),
+            cluster: false,
         }
     }
 }
@@ -283,15 +288,40 @@ fn default_redis_response_timeout_ms() -> u64 {
 }
 
 impl RedisConfig {
-    /// Checks the URL scheme.
+    /// Checks the URL scheme, and that a cluster is reached over TCP, in database 0.
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self.url.scheme() {
-            "redis" | "rediss" | "unix" | "redis+unix" => Ok(()),
-            other => Err(ConfigError::invalid(
-                "redis.url",
-                format!("unsupported scheme `{other}`, expected redis:// or rediss://"),
-            )),
+            "redis" | "rediss" | "unix" | "redis+unix" => {}
+            other => {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    format!("unsupported scheme `{other}`, expected redis:// or rediss://"),
+                ))
+            }
         }
+        if !self.cluster {
+            return Ok(());
+        }
+        if !matches!(self.url.scheme(), "redis" | "rediss") {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "a Redis Cluster node is reached by redis:// or rediss://",
+            ));
+        }
+        let db = self.url.url().path().trim_start_matches('/');
+        if !(db.is_empty() || db == "0") {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                format!("database `{db}` selected, but a Redis Cluster has only database 0"),
+            ));
+        }
+        if self.tls_ca_file.is_some() {
+            return Err(ConfigError::invalid(
+                "redis.tls_ca_file",
+                "not supported with redis.cluster; the cluster's certificates must chain to the system's roots",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -464,10 +494,16 @@ impl GuardConfig {
         Duration::from_secs(self.tombstone_ttl_secs)
     }
 
-    /// The guard a consumer writes through, with script calls as large as its batches.
-    pub fn version_guard(&self, entries_per_call: usize) -> crate::version_guard::VersionGuard {
+    /// The guard a consumer writes through, with script calls as large as its batches, in
+    /// cluster mode when Redis is a cluster.
+    pub fn version_guard(
+        &self,
+        entries_per_call: usize,
+        redis: &RedisConfig,
+    ) -> crate::version_guard::VersionGuard {
         crate::version_guard::VersionGuard::new(self.tombstone_ttl())
             .with_entries_per_call(entries_per_call)
+            .with_cluster_slots(redis.cluster)
     }
 }
 
@@ -651,6 +687,34 @@ mod tests {
         );
         let err = load_env(&[("LOG_FORMAT", "xml")]).unwrap_err().to_string();
         assert!(err.contains("`telemetry.log_format`"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_is_reached_over_tcp_in_database_0() {
+        let c = load_env(&[
+            ("REDIS_URL", "redis://10.0.0.1:7000"),
+            ("TEST_SVC__REDIS__CLUSTER", "true"),
+        ])
+        .unwrap();
+        assert!(c.redis.cluster);
+        for (url, key) in [
+            ("redis://10.0.0.1:7000/2", "`redis.url`"),
+            ("unix:///tmp/redis.sock", "`redis.url`"),
+        ] {
+            let err = load_env(&[("REDIS_URL", url), ("TEST_SVC__REDIS__CLUSTER", "true")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{url}: {err}");
+        }
+        let err = load_env(&[
+            ("TEST_SVC__REDIS__CLUSTER", "true"),
+            ("TEST_SVC__REDIS__TLS_CA_FILE", "/etc/ca.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`redis.tls_ca_file`"), "{err}");
+        // Without cluster mode, a database number is fine.
+        load_env(&[("REDIS_URL", "redis://10.0.0.1:7000/2")]).unwrap();
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl VersionGuard {
     }
 
     /// Writes `value` at `key` only if `version` is newer than the stored version.
-    pub async fn upsert_if_newer<C: ConnectionLike>(
+    pub async fn upsert_if_newer<C: ConnectionLike + Clone>(
         &self,
         conn: &mut C,
         key: &str,
@@ -361,7 +361,7 @@ impl VersionGuard {
     }
 
     /// Deletes `key` only if `version` is newer than the stored version, leaving a tombstone.
-    pub async fn delete_if_newer<C: ConnectionLike>(
+    pub async fn delete_if_newer<C: ConnectionLike + Clone>(
         &self,
         conn: &mut C,
         key: &str,
@@ -372,13 +372,13 @@ impl VersionGuard {
     }
 
     /// Applies many writes in one round trip and one transaction (one per hash slot in
-    /// cluster mode) and reports each one's outcome, in input order. Writes to the same key
-    /// take effect in input order.
+    /// cluster mode, sent together) and reports each one's outcome, in input order. Writes
+    /// to the same key take effect in input order.
     ///
     /// On an error nothing of a failed transaction took effect, except in the rare case
     /// where Redis ran it and the connection broke before the reply: retrying is safe either
     /// way, because guarded writes are idempotent.
-    pub async fn apply_batch<C: ConnectionLike>(
+    pub async fn apply_batch<C: ConnectionLike + Clone>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
@@ -388,28 +388,72 @@ impl VersionGuard {
             return Ok(outcomes);
         }
         let plan = self.plan(writes);
-        let transactions: Vec<&[Call]> = if self.cluster {
-            plan.chunks(1).collect()
-        } else {
-            vec![&plan[..]]
-        };
-        for calls in transactions {
-            let (pipe, replies_wanted) = self.transaction(writes, calls);
-            let replies: Vec<Value> = pipe.query_async(conn).await?;
-            if replies.len() != replies_wanted.len() {
-                return Err(GuardError::UnexpectedReply(format!(
-                    "{} replies for {} commands",
-                    replies.len(),
-                    replies_wanted.len()
-                )));
+        if !self.cluster {
+            let calls: Vec<&Call> = plan.iter().collect();
+            self.run_transaction(conn, writes, &calls, &mut outcomes)
+                .await?;
+            return Ok(outcomes);
+        }
+        // Keys of different slots need no order between them, so each slot's calls form one
+        // transaction, in their order, and the slots' transactions go out together.
+        let mut by_slot: BTreeMap<u16, Vec<&Call>> = BTreeMap::new();
+        for call in &plan {
+            let first = match call {
+                Call::Plain(index) => *index,
+                Call::Guarded(indices) => indices[0],
+            };
+            by_slot
+                .entry(cluster_slot(&writes[first].key))
+                .or_default()
+                .push(call);
+        }
+        let results = futures::future::try_join_all(by_slot.values().map(|calls| {
+            let mut conn = conn.clone();
+            async move {
+                let mut slot_outcomes = vec![WriteOutcome::Applied; writes.len()];
+                self.run_transaction(&mut conn, writes, calls, &mut slot_outcomes)
+                    .await?;
+                Ok::<_, GuardError>((calls, slot_outcomes))
             }
-            for (wanted, reply) in replies_wanted.iter().zip(replies) {
-                if let Some(indices) = wanted {
-                    record_outcomes(indices, reply, &mut outcomes)?;
+        }))
+        .await?;
+        for (calls, slot_outcomes) in results {
+            for call in calls {
+                let indices = match call {
+                    Call::Plain(index) => std::slice::from_ref(index),
+                    Call::Guarded(indices) => indices.as_slice(),
+                };
+                for &index in indices {
+                    outcomes[index] = slot_outcomes[index];
                 }
             }
         }
         Ok(outcomes)
+    }
+
+    /// Runs `calls` as one transaction and records their outcomes.
+    async fn run_transaction<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        writes: &[CacheWrite],
+        calls: &[&Call],
+        outcomes: &mut [WriteOutcome],
+    ) -> Result<(), GuardError> {
+        let (pipe, replies_wanted) = self.transaction(writes, calls);
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        if replies.len() != replies_wanted.len() {
+            return Err(GuardError::UnexpectedReply(format!(
+                "{} replies for {} commands",
+                replies.len(),
+                replies_wanted.len()
+            )));
+        }
+        for (wanted, reply) in replies_wanted.iter().zip(replies) {
+            if let Some(indices) = wanted {
+                record_outcomes(indices, reply, outcomes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Splits writes into pipeline commands. Versioned writes between two unversioned ones
@@ -478,7 +522,7 @@ impl VersionGuard {
     fn transaction(
         &self,
         writes: &[CacheWrite],
-        calls: &[Call],
+        calls: &[&Call],
     ) -> (Pipeline, Vec<Option<Vec<usize>>>) {
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -787,7 +831,8 @@ mod tests {
         ];
         let plan = guard.plan(&writes);
         assert_eq!(plan.len(), 3, "one call per write of the repeated key");
-        let (pipe, _) = guard.transaction(&writes, &plan);
+        let calls: Vec<&Call> = plan.iter().collect();
+        let (pipe, _) = guard.transaction(&writes, &calls);
         let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
         assert_eq!(packed.matches(CHECK_SCRIPT.as_str()).count(), 1);
         assert_eq!(packed.matches(RESTORE_SCRIPT.as_str()).count(), 1);

@@ -7,6 +7,7 @@
 pub mod amqp;
 pub mod fault_proxy;
 pub mod kafka;
+pub mod private_redis;
 pub mod process;
 
 use std::net::SocketAddr;

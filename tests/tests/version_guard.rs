@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use fleet::version::Version;
 use fleet::version_guard::{version_key, CacheWrite, VersionGuard, WriteOutcome};
+use fleet_tests::private_redis::{PrivateCluster, PrivateRedis};
 use fleet_tests::{redis, unique_name};
 use proptest::prelude::*;
 use redis::AsyncCommands;
@@ -535,54 +536,6 @@ async fn shared_connection() -> redis::aio::MultiplexedConnection {
     conn
 }
 
-/// A Redis of its own, so filling its memory cannot disturb the other tests.
-struct PrivateRedis {
-    child: std::process::Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    async fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let port = free_port_with_bus()?;
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let server = Self { child, url };
-        let client = redis::Client::open(server.url.as_str())?;
-        for _ in 0..100 {
-            if client.get_multiplexed_async_connection().await.is_ok() {
-                return Ok(server);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("redis-server on port {port} did not start")
-    }
-}
-
-/// A free port whose cluster bus port (port + 10000) is free as well.
-fn free_port_with_bus() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no free port pair found")
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn out_of_memory_is_transient_and_writes_nothing() -> anyhow::Result<()> {
     let server = PrivateRedis::start(&["--maxmemory-policy", "noeviction"]).await?;
@@ -617,75 +570,6 @@ async fn out_of_memory_is_transient_and_writes_nothing() -> anyhow::Result<()> {
         vec![WriteOutcome::Applied]
     );
     Ok(())
-}
-
-/// A three-master Redis Cluster of private servers.
-struct PrivateCluster {
-    nodes: Vec<PrivateRedis>,
-}
-
-impl PrivateCluster {
-    async fn start() -> anyhow::Result<Self> {
-        let dir = fleet_tests::process::scratch_dir("cluster");
-        let mut nodes = Vec::new();
-        for node in 0..3 {
-            let config_file = dir.join(format!("nodes-{node}.conf"));
-            nodes.push(
-                PrivateRedis::start(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    config_file.to_str().expect("UTF-8 path"),
-                    "--dir",
-                    dir.to_str().expect("UTF-8 path"),
-                ])
-                .await?,
-            );
-        }
-        let addresses: Vec<String> = nodes
-            .iter()
-            .map(|n| n.url.trim_start_matches("redis://").to_string())
-            .collect();
-        let created = std::process::Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-yes"])
-            .output()?;
-        anyhow::ensure!(
-            created.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&created.stdout)
-        );
-        let cluster = Self { nodes };
-        for _ in 0..200 {
-            if cluster.all_ok().await? {
-                return Ok(cluster);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("the cluster did not reach cluster_state:ok")
-    }
-
-    async fn all_ok(&self) -> anyhow::Result<bool> {
-        for node in &self.nodes {
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut node.connect().await?)
-                .await?;
-            if !info.contains("cluster_state:ok") {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-}
-
-impl PrivateRedis {
-    async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?)
-    }
 }
 
 #[tokio::test]

@@ -62,7 +62,7 @@ pub async fn run(config: CacheUpdaterConfig, shutdown: Shutdown) -> Result<(), E
 
     let guard = config
         .version_guard
-        .version_guard(config.consumer.batch_size);
+        .version_guard(config.consumer.batch_size, &config.redis);
     let cache = CacheWriter::connect(
         &config.redis,
         guard,

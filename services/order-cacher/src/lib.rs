@@ -73,7 +73,7 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
     )?;
     let guard = config
         .version_guard
-        .version_guard(config.consumer.batch_size);
+        .version_guard(config.consumer.batch_size, &config.redis);
     let cache = CacheWriter::connect(
         &config.redis,
         guard,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use fleet_tests::kafka::{self, Record};
+use fleet_tests::private_redis::PrivateCluster;
 use fleet_tests::{redis, redis_url, socket_addr_of, wait_for, FaultProxy};
 use rdkafka::Message;
 use redis::AsyncCommands;
@@ -664,4 +665,98 @@ async fn a_delete_interrupted_before_its_index_removal_still_leaves_the_index_cl
     );
     second.stop().await?;
     fleet_tests::delete_redis_acl_user(&user).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_stay_clean(
+) -> Result<()> {
+    let cluster = PrivateCluster::start().await?;
+    let scenario = Scenario::new("cluster", PARTITIONS).await?;
+    let index = format!(
+        r#"[[topics.indexes]]
+key_template = "{}:user:{{user_id}}:orders"
+max_entries = 5
+"#,
+        scenario.prefix
+    );
+    let (mut records, mut highest) = shuffled_orders(300, 3_000);
+    // Order 0 is deleted at a version above all of its upserts, wherever it lands among them.
+    let deleted_at = highest[&0] + 1;
+    records.push(
+        Record {
+            key: Some(b"0".to_vec()),
+            payload: None,
+            ..Record::default()
+        }
+        .header("version", &deleted_at.to_string())
+        .partition(0),
+    );
+    highest.remove(&0);
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+
+    let mut service = scenario
+        .service(&index)
+        .env("REDIS_URL", &cluster.nodes[0].url)
+        .env("ORDER_CACHER__REDIS__CLUSTER", "true")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    let mut conn = cluster.client().await?;
+    let mut wrong = Vec::new();
+    for (id, expected) in &highest {
+        let value: Option<String> = conn.get(scenario.key(*id)).await?;
+        let version = value
+            .as_deref()
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+            .and_then(|v| v["version"].as_u64());
+        if version != Some(*expected) {
+            wrong.push(format!("order {id}: {version:?} != {expected}"));
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "{} orders not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    ensure!(
+        conn.get::<_, Option<String>>(scenario.key(0))
+            .await?
+            .is_none(),
+        "the deleted order stays deleted"
+    );
+    // Orders of user_<id % 97>: each index holds the newest 5 of its live orders, never order 0.
+    for user in 0..97 {
+        let index_key = format!("{}:user:user_{user}:orders", scenario.prefix);
+        let members: Vec<String> = conn.zrange(&index_key, 0, -1).await?;
+        let live = highest.keys().filter(|id| *id % 97 == user).count();
+        ensure!(
+            members.len() == live.min(5),
+            "{index_key} holds {members:?}, expected {} entries",
+            live.min(5)
+        );
+        ensure!(
+            !members.contains(&scenario.key(0)),
+            "{index_key} still lists the deleted order"
+        );
+    }
+    // The keys are spread over every node.
+    for node in &cluster.nodes {
+        let keys: i64 = redis::cmd("DBSIZE")
+            .query_async(&mut node.connect().await?)
+            .await?;
+        ensure!(keys > 0, "{} holds no keys", node.url);
+    }
+    let outcome = |o: &str| format!("order_cacher_messages_total{{outcome=\"{o}\"}}");
+    let mut total = 0.0;
+    for o in ["applied", "stale", "duplicate"] {
+        total += sample(&service, &outcome(o)).await?;
+    }
+    ensure!(
+        total == records.len() as f64,
+        "every message applied, stale or duplicate: {total}"
+    );
+    service.stop().await?;
+    Ok(())
 }
