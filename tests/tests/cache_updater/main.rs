@@ -895,3 +895,50 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_redis_cluster_reordered_versions_and_warm_entries_end_where_they_should() -> Result<()>
+{
+    let cluster = fleet_tests::private_redis::PrivateCluster::start().await?;
+    let s = Scenario::new("cu-cluster");
+    let mut service = s
+        .service("batch_size = 50")
+        .env("REDIS_URL", &cluster.nodes[0].url)
+        .env("CACHE_UPDATER__REDIS__CLUSTER", "true")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (mut messages, mut highest) = shuffled_upserts(&s, 200, 2_000);
+    // A warm batch of 300 entries, spread over every node.
+    let entries: Vec<String> = (0..300)
+        .map(|i| {
+            let key = s.key(&format!("w:{i}"));
+            highest.insert(key.clone(), 3);
+            format!(r#"{{"key":"{key}","value":{{"v":3}},"version":3}}"#)
+        })
+        .collect();
+    messages.push(Message::body(format!(
+        r#"{{"op":"warm","entries":[{}]}}"#,
+        entries.join(",")
+    )));
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    wait_handled(&[&service], messages.len() as f64, DRAIN).await?;
+    let wrong = wrong_versions_on(&mut cluster.client().await?, &highest).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    for node in &cluster.nodes {
+        let keys: i64 = redis::cmd("DBSIZE")
+            .query_async(&mut node.connect().await?)
+            .await?;
+        ensure!(keys > 0, "{} holds no keys", node.url);
+    }
+    service.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}

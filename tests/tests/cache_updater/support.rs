@@ -156,7 +156,14 @@ pub async fn wait_handled(services: &[&Service], at_least: f64, timeout: Duratio
 
 /// Keys not holding their highest version, as a reader's plain GET sees them.
 pub async fn wrong_versions(highest: &BTreeMap<String, u64>) -> Result<Vec<String>> {
-    let mut conn = redis().await?;
+    wrong_versions_on(&mut redis().await?, highest).await
+}
+
+/// [`wrong_versions`] through `conn`, such as a cluster client's.
+pub async fn wrong_versions_on<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    highest: &BTreeMap<String, u64>,
+) -> Result<Vec<String>> {
     let entries: Vec<(&String, &u64)> = highest.iter().collect();
     let mut wrong = Vec::new();
     for chunk in entries.chunks(500) {
