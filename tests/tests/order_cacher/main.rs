@@ -372,13 +372,7 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
 async fn tombstones_delete_origin_marked_messages_are_skipped_and_indexes_are_capped() -> Result<()>
 {
     let scenario = Scenario::new("features", 1).await?;
-    let index = format!(
-        r#"[[topics.indexes]]
-key_template = "{}:user:{{user_id}}:orders"
-max_entries = 3
-"#,
-        scenario.prefix
-    );
+    let index = scenario.user_index(3);
     let mut service = scenario.service(&index).spawn()?;
     service.wait_ready(READY).await?;
 
@@ -672,13 +666,7 @@ async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_sta
 ) -> Result<()> {
     let cluster = PrivateCluster::start().await?;
     let scenario = Scenario::new("cluster", PARTITIONS).await?;
-    let index = format!(
-        r#"[[topics.indexes]]
-key_template = "{}:user:{{user_id}}:orders"
-max_entries = 5
-"#,
-        scenario.prefix
-    );
+    let index = scenario.user_index(5);
     let (mut records, mut highest) = shuffled_orders(300, 3_000);
     // Order 0 is deleted at a version above all of its upserts, wherever it lands among them.
     let deleted_at = highest[&0] + 1;
@@ -703,23 +691,7 @@ max_entries = 5
     wait_handled(&service, records.len() as f64, DRAIN).await?;
 
     let mut conn = cluster.client().await?;
-    let mut wrong = Vec::new();
-    for (id, expected) in &highest {
-        let value: Option<String> = conn.get(scenario.key(*id)).await?;
-        let version = value
-            .as_deref()
-            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
-            .and_then(|v| v["version"].as_u64());
-        if version != Some(*expected) {
-            wrong.push(format!("order {id}: {version:?} != {expected}"));
-        }
-    }
-    ensure!(
-        wrong.is_empty(),
-        "{} orders not at their highest version: {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(10)]
-    );
+    assert_highest_versions_on(&mut conn, &scenario, &highest).await?;
     ensure!(
         conn.get::<_, Option<String>>(scenario.key(0))
             .await?

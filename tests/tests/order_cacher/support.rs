@@ -91,6 +91,17 @@ version_field = "version"
     pub fn key(&self, order: usize) -> String {
         format!("{}:order:{order}", self.prefix)
     }
+
+    /// A `[[topics.indexes]]` table: each user's newest `max_entries` orders.
+    pub fn user_index(&self, max_entries: usize) -> String {
+        format!(
+            r#"[[topics.indexes]]
+key_template = "{}:user:{{user_id}}:orders"
+max_entries = {max_entries}
+"#,
+            self.prefix
+        )
+    }
 }
 
 /// The service with a config of its own.
@@ -149,7 +160,15 @@ pub async fn assert_highest_versions(
     scenario: &Scenario,
     highest: &BTreeMap<usize, u64>,
 ) -> Result<()> {
-    let mut conn = redis().await?;
+    assert_highest_versions_on(&mut redis().await?, scenario, highest).await
+}
+
+/// [`assert_highest_versions`] through `conn`, such as a cluster client's.
+pub async fn assert_highest_versions_on<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    scenario: &Scenario,
+    highest: &BTreeMap<usize, u64>,
+) -> Result<()> {
     let keys: Vec<String> = highest.keys().map(|&id| scenario.key(id)).collect();
     let mut wrong = Vec::new();
     for (chunk_keys, chunk) in keys
