@@ -36,6 +36,13 @@ struct Args {
     /// Measure the unguarded script instead of the guard.
     #[arg(long)]
     script_floor: bool,
+    /// `--redis-url` is a node of a Redis Cluster: write through a cluster client, with the
+    /// guard in cluster mode (one transaction per hash slot).
+    #[arg(long)]
+    cluster: bool,
+    /// The guard's inline form on a single server too (it is always on in cluster mode).
+    #[arg(long)]
+    inline: bool,
 }
 
 /// KEYS: value keys; ARGV: their values. No version is read or written.
@@ -52,13 +59,23 @@ return #KEYS
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = redis::Client::open(args.redis_url.as_str())?;
-    let guard = VersionGuard::new(Duration::from_secs(3600)).with_entries_per_call(args.batch);
+    let guard = VersionGuard::new(Duration::from_secs(3600))
+        .with_entries_per_call(args.batch)
+        .with_cluster_slots(args.cluster)
+        .with_inline_values(args.cluster || args.inline);
     let value = vec![b'x'; args.value_size];
     let version = Arc::new(AtomicU64::new(1));
     let remaining = Arc::new(AtomicU64::new(args.writes));
     let floor = redis::Script::new(FLOOR_SCRIPT);
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let connect = || async {
+        let config = fleet::config::RedisConfig {
+            url: fleet::secret::RedactedUrl::parse(&args.redis_url)?,
+            cluster: args.cluster,
+            ..Default::default()
+        };
+        Ok::<_, anyhow::Error>(fleet::redis_conn::connect(&config).await?)
+    };
+    let mut conn = connect().await?;
     guard.load(&mut conn).await?;
     floor.prepare_invoke().load_async(&mut conn).await?;
 
@@ -66,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
         // One connection per client, as redis-benchmark does.
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = connect().await?;
         let (guard, floor, value, version, remaining) = (
             guard.clone(),
             floor.clone(),

@@ -1,4 +1,5 @@
--- Version check of one batch of guarded writes; the first step of the guard's transaction.
+-- Version check of one batch of guarded writes: the first step of the guard's transaction,
+-- or, in the inline form (values in ARGV, below), the whole write in one script call.
 --
 -- The transaction (MULTI ... EXEC, so nothing else runs in between) is:
 --   1. this script: compares versions, writes versions, applies deletes;
@@ -17,6 +18,9 @@
 -- ARGV[3..b+2]: how many consecutive value keys belong to each bucket.
 -- ARGV[b+3..b+n+2]: versions (decimal, no leading zeros).
 -- ARGV[b+n+3..]: TTLs in milliseconds, one per "t" entry, in order.
+-- ARGV after the TTLs, in the inline form only: the value of every upsert ("u" and "t"), in
+-- order. In that form the script is the whole write: it writes the values of the upserts that
+-- apply itself, so it needs no transaction, no moving aside and no restore step.
 -- Returns one character per entry: A applied, S stale (older), D duplicate (same version);
 -- an empty string when every entry applied, the common case.
 --
@@ -32,6 +36,10 @@ local stash = KEYS[#KEYS]
 local tombstone_ttl = tonumber(ARGV[1])
 local first_version = nb + 3
 local byte, find, match = string.byte, string.find, string.match
+local _, expiring = string.gsub(ops, 't', '')
+-- Values follow the TTLs in the inline form.
+local before_values = first_version + n - 1 + expiring
+local inline = #ARGV > before_values
 
 -- tagged(prefix, key) comes from version_guard_common.lua, sent in front of this script.
 
@@ -51,10 +59,13 @@ local function finish_moves()
   if #moved > 0 then redis.call('RPUSH', stash, unpack(moved)) end
 end
 local function refuse(why)
-  for i = 1, n do
-    if byte(ops, i) ~= 100 then move_aside(i) end
+  -- The inline form writes nothing after a refusal, so there is nothing to move aside.
+  if not inline then
+    for i = 1, n do
+      if byte(ops, i) ~= 100 then move_aside(i) end
+    end
+    finish_moves()
   end
-  finish_moves()
   return redis.error_reply('ERR version guard refused the batch: ' .. why)
 end
 
@@ -101,6 +112,9 @@ local deletes, stale_version_keys = {}, {}
 local version_writes = {}
 local ttl_index = first_version + n - 1
 local before_versions = first_version - 1
+-- Inline form: values of the upserts that apply, {key, value} pairs for MSET and {key, value,
+-- ttl} for each expiring one; upserts counts the upserts seen, to find each one's value.
+local mset, expiring_sets, upserts = {}, {}, 0
 -- 117 'u': with only plain upserts, no entry needs its op looked up.
 local only_plain = not find(ops, '[^u]')
 local i = 0
@@ -124,6 +138,7 @@ for b = 1, nb do
       if not cur then return refuse('malformed version state of ' .. KEYS[i]) end
     end
     local v = ARGV[before_versions + i]
+    if op ~= 100 then upserts = upserts + 1 end
     if cur and (#v < #cur or (#v == #cur and v <= cur)) then
       -- A bucket field is checked only when it would keep the stored entry: a newer write
       -- replaces even a malformed field, so the common path costs no pattern match.
@@ -142,6 +157,10 @@ for b = 1, nb do
       fields[nfields + 2] = v
       nfields = nfields + 2
       if key_state[i] then stale_version_keys[#stale_version_keys + 1] = vk[i] end
+      if inline then
+        mset[#mset + 1] = KEYS[i]
+        mset[#mset + 1] = ARGV[before_values + upserts]
+      end
     else
       local key = KEYS[i]
       if in_field then
@@ -155,6 +174,9 @@ for b = 1, nb do
         -- message cannot bring back data older than what just expired.
         local keep = (tombstone_ttl == 0) and 0 or math.max(ttl, tombstone_ttl)
         version_writes[#version_writes + 1] = {name, v, keep}
+        if inline then
+          expiring_sets[#expiring_sets + 1] = {key, ARGV[before_values + upserts], ttl}
+        end
       else
         deletes[#deletes + 1] = key
         version_writes[#version_writes + 1] = {name, v .. ':deleted', tombstone_ttl}
@@ -164,8 +186,10 @@ for b = 1, nb do
   if nfields > 0 then set_fields[b] = fields end
 end
 
-for _, i in ipairs(keep_out) do move_aside(i) end
-finish_moves()
+if not inline then
+  for _, i in ipairs(keep_out) do move_aside(i) end
+  finish_moves()
+end
 for b, f in pairs(set_fields) do redis.call('HSET', KEYS[n + b], unpack(f)) end
 for b, f in pairs(del_fields) do redis.call('HDEL', KEYS[n + b], unpack(f)) end
 if #stale_version_keys > 0 then redis.call('DEL', unpack(stale_version_keys)) end
@@ -177,6 +201,8 @@ for _, w in ipairs(version_writes) do
     redis.call('SET', w[1], w[2], 'PX', w[3])
   end
 end
+if #mset > 0 then redis.call('MSET', unpack(mset)) end
+for _, w in ipairs(expiring_sets) do redis.call('SET', w[1], w[2], 'PX', w[3]) end
 -- An empty reply: every entry applied.
 if not_applied == 0 then return '' end
 for k = 1, n do out[k] = out[k] or 'A' end

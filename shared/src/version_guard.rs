@@ -265,6 +265,7 @@ pub struct VersionGuard {
     tombstone_ttl: Duration,
     entries_per_call: usize,
     cluster: bool,
+    inline_values: bool,
 }
 
 impl VersionGuard {
@@ -276,6 +277,7 @@ impl VersionGuard {
             tombstone_ttl,
             entries_per_call: DEFAULT_ENTRIES_PER_CALL,
             cluster: false,
+            inline_values: false,
         }
     }
 
@@ -293,6 +295,17 @@ impl VersionGuard {
     /// server and a cluster only together with its versions re-written (or flushed).
     pub fn with_cluster_slots(mut self, cluster: bool) -> Self {
         self.cluster = cluster;
+        self.inline_values = cluster;
+        self
+    }
+
+    /// The inline form (on in cluster mode, where it is the default): each script call is
+    /// the whole write, values included, named by digest (`EVALSHA`, and `EVAL` only after a
+    /// lost script cache), with no transaction around it. Far cheaper per call, so it suits
+    /// the many small calls of a cluster, one or more per hash slot; values passing through
+    /// Lua make it dearer per entry than the transaction for large calls on one server.
+    pub fn with_inline_values(mut self, inline: bool) -> Self {
+        self.inline_values = inline;
         self
     }
 
@@ -390,8 +403,7 @@ impl VersionGuard {
         let plan = self.plan(writes);
         if !self.cluster {
             let calls: Vec<&Call> = plan.iter().collect();
-            self.run_transaction(conn, writes, &calls, &mut outcomes)
-                .await?;
+            self.run_calls(conn, writes, &calls, &mut outcomes).await?;
             return Ok(outcomes);
         }
         // Keys of different slots need no order between them, so each slot's calls form one
@@ -411,7 +423,7 @@ impl VersionGuard {
             let mut conn = conn.clone();
             async move {
                 let mut slot_outcomes = vec![WriteOutcome::Applied; writes.len()];
-                self.run_transaction(&mut conn, writes, calls, &mut slot_outcomes)
+                self.run_calls(&mut conn, writes, calls, &mut slot_outcomes)
                     .await?;
                 Ok::<_, GuardError>((calls, slot_outcomes))
             }
@@ -431,16 +443,30 @@ impl VersionGuard {
         Ok(outcomes)
     }
 
-    /// Runs `calls` as one transaction and records their outcomes.
-    async fn run_transaction<C: ConnectionLike>(
+    /// Runs `calls` in order, as one transaction or, in the inline form, as one pipeline of
+    /// whole-write script calls, and records their outcomes.
+    async fn run_calls<C: ConnectionLike>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
         calls: &[&Call],
         outcomes: &mut [WriteOutcome],
     ) -> Result<(), GuardError> {
-        let (pipe, replies_wanted) = self.transaction(writes, calls);
-        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let (pipe, replies_wanted) = if self.inline_values {
+            self.inline_pipeline(writes, calls, false)
+        } else {
+            self.transaction(writes, calls)
+        };
+        let replies: Vec<Value> = match pipe.query_async(conn).await {
+            // The script cache was lost: nothing of a call that met it ran, and calls that
+            // ran before it are idempotent, so every call goes again, the first sending the
+            // script's text.
+            Err(e) if server_error_codes(&e).iter().any(|c| c == "NOSCRIPT") => {
+                let (pipe, _) = self.inline_pipeline(writes, calls, true);
+                pipe.query_async(conn).await?
+            }
+            result => result?,
+        };
         if replies.len() != replies_wanted.len() {
             return Err(GuardError::UnexpectedReply(format!(
                 "{} replies for {} commands",
@@ -553,6 +579,42 @@ impl VersionGuard {
                         pipe.add_command(restore);
                         replies.push(None);
                     }
+                }
+            }
+        }
+        (pipe, replies)
+    }
+
+    /// The inline form of `calls`: a plain pipeline in which each guarded call is one
+    /// script call with its values, named by digest unless `send_text` (the first is then
+    /// sent with the script's text). Unversioned writes keep their places between them.
+    fn inline_pipeline(
+        &self,
+        writes: &[CacheWrite],
+        calls: &[&Call],
+        send_text: bool,
+    ) -> (Pipeline, Vec<Option<Vec<usize>>>) {
+        let mut pipe = redis::pipe();
+        let mut replies = Vec::new();
+        let tombstone_ms = self.tombstone_ttl.as_millis().to_string();
+        let mut check_sent = !send_text;
+        for call in calls {
+            match call {
+                Call::Plain(index) => {
+                    pipe.add_command(plain_command(&writes[*index]));
+                    replies.push(None);
+                }
+                Call::Guarded(indices) => {
+                    let script = script_call(&CHECK_SCRIPT, &CHECK_SHA, &mut check_sent);
+                    let (mut check, ordered, _) =
+                        self.check_call(script, writes, indices, &tombstone_ms);
+                    for &index in &ordered {
+                        if let Change::Upsert(value) = &writes[index].change {
+                            check.arg(&value[..]);
+                        }
+                    }
+                    pipe.add_command(check);
+                    replies.push(Some(ordered));
                 }
             }
         }
@@ -841,6 +903,32 @@ mod tests {
         let eval = packed.find("EVAL\r\n").expect("an EVAL");
         let evalsha = packed.find("EVALSHA").expect("an EVALSHA");
         assert!(eval < evalsha, "the text goes first");
+    }
+
+    #[test]
+    fn the_inline_form_names_the_script_by_digest_and_carries_the_values() {
+        let guard = VersionGuard::new(Duration::from_secs(60)).with_inline_values(true);
+        let writes = vec![
+            CacheWrite::upsert("a", "value-a", Some(Version::new(1))),
+            CacheWrite::delete("b", Some(Version::new(1))),
+            CacheWrite::upsert("a", "value-a2", Some(Version::new(2))),
+        ];
+        let plan = guard.plan(&writes);
+        let calls: Vec<&Call> = plan.iter().collect();
+        let (pipe, replies) = guard.inline_pipeline(&writes, &calls, false);
+        let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
+        assert!(
+            !packed.contains("MULTI") && !packed.contains("MSET"),
+            "{packed}"
+        );
+        assert!(!packed.contains(CHECK_SCRIPT.as_str()));
+        assert_eq!(packed.matches(CHECK_SHA.as_str()).count(), 2);
+        assert!(packed.contains("value-a\r\n") && packed.contains("value-a2"));
+        assert_eq!(replies.len(), 2);
+        let (pipe, _) = guard.inline_pipeline(&writes, &calls, true);
+        let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
+        assert_eq!(packed.matches(CHECK_SCRIPT.as_str()).count(), 1);
+        assert_eq!(packed.matches(CHECK_SHA.as_str()).count(), 1);
     }
 
     #[test]

@@ -387,7 +387,9 @@ async fn concurrent_writers_on_the_same_keys_end_at_the_highest_versions() -> an
     let guard = VersionGuard::new(Duration::from_secs(600)).with_entries_per_call(7);
     let mut tasks = Vec::new();
     for writer in 0..8u64 {
-        let (guard, prefix) = (guard.clone(), prefix.clone());
+        // Half the writers use the inline form, so both forms meet on the same keys.
+        let guard = guard.clone().with_inline_values(writer % 2 == 1);
+        let prefix = prefix.clone();
         tasks.push(tokio::spawn(async move {
             let mut conn = redis().await?;
             let mut highest: BTreeMap<u8, u8> = BTreeMap::new();
@@ -460,12 +462,15 @@ proptest! {
         deliveries in prop::collection::vec((0u8..3, 1u8..12), 1..40),
         batch_size in 1usize..10,
         entries_per_call in 1usize..6,
+        inline in any::<bool>(),
     ) {
         let runtime = RUNTIME.with(|r| r.clone());
         runtime.block_on(async {
             let mut conn = shared_connection().await;
             let prefix = unique_name("prop");
-            let guard = VersionGuard::new(Duration::from_secs(600)).with_entries_per_call(entries_per_call);
+            let guard = VersionGuard::new(Duration::from_secs(600))
+                .with_entries_per_call(entries_per_call)
+                .with_inline_values(inline);
             let writes: Vec<CacheWrite> = deliveries.iter().map(|&(k, v)| change(&prefix, k, v)).collect();
 
             let mut outcomes = Vec::new();
@@ -534,6 +539,50 @@ async fn shared_connection() -> redis::aio::MultiplexedConnection {
     let conn = redis().await.expect("connect to Redis");
     CONNECTION.with(|c| *c.borrow_mut() = Some(conn.clone()));
     conn
+}
+
+#[tokio::test]
+async fn the_inline_form_writes_through_a_lost_script_cache() -> anyhow::Result<()> {
+    // A server of its own: flushing the script cache must not disturb the other tests.
+    use WriteOutcome::*;
+    let server = PrivateRedis::start(&[]).await?;
+    let mut conn = server.connect().await?;
+    let g = guard().with_inline_values(true);
+    g.load(&mut conn).await?;
+    let v1 = CacheWrite::upsert("order:1", "v1", Some(Version::new(1)));
+    assert_eq!(
+        g.apply_batch(&mut conn, std::slice::from_ref(&v1)).await?,
+        vec![Applied]
+    );
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let batch = [
+        CacheWrite::upsert("order:1", "v3", Some(Version::new(3))),
+        v1,
+        CacheWrite::upsert("order:2", "v1", Some(Version::new(1)))
+            .with_ttl(Some(Duration::from_secs(60))),
+        CacheWrite::delete("order:3", Some(Version::new(1))),
+    ];
+    assert_eq!(
+        g.apply_batch(&mut conn, &batch).await?,
+        vec![Applied, Stale, Applied, Applied]
+    );
+    assert_eq!(
+        conn.get::<_, Option<String>>("order:1").await?.as_deref(),
+        Some("v3")
+    );
+    assert_eq!(
+        conn.get::<_, Option<String>>("order:2").await?.as_deref(),
+        Some("v1")
+    );
+    assert!(conn.pttl::<_, i64>("order:2").await? > 0);
+    assert_eq!(
+        g.stored_state(&mut conn, "order:3").await?.as_deref(),
+        Some("1:deleted")
+    );
+    Ok(())
 }
 
 #[tokio::test]
