@@ -452,17 +452,18 @@ impl VersionGuard {
         calls: &[&Call],
         outcomes: &mut [WriteOutcome],
     ) -> Result<(), GuardError> {
-        let (pipe, replies_wanted) = if self.inline_values {
-            self.inline_pipeline(writes, calls, false)
+        let form = if self.inline_values {
+            Form::Inline { send_text: false }
         } else {
-            self.transaction(writes, calls)
+            Form::Transaction
         };
+        let (pipe, replies_wanted) = self.pipeline(writes, calls, form);
         let replies: Vec<Value> = match pipe.query_async(conn).await {
             // The script cache was lost: nothing of a call that met it ran, and calls that
             // ran before it are idempotent, so every call goes again, the first sending the
             // script's text.
             Err(e) if server_error_codes(&e).iter().any(|c| c == "NOSCRIPT") => {
-                let (pipe, _) = self.inline_pipeline(writes, calls, true);
+                let (pipe, _) = self.pipeline(writes, calls, Form::Inline { send_text: true });
                 pipe.query_async(conn).await?
             }
             result => result?,
@@ -543,18 +544,22 @@ impl VersionGuard {
         }
     }
 
-    /// One transaction for `calls`. Returns, per command, the entries whose outcomes its
-    /// reply carries (script calls), in the order the reply lists them.
-    fn transaction(
+    /// The pipeline of `calls` in `form`. Returns, per command, the entries whose outcomes
+    /// its reply carries (script calls), in the order the reply lists them.
+    fn pipeline(
         &self,
         writes: &[CacheWrite],
         calls: &[&Call],
+        form: Form,
     ) -> (Pipeline, Vec<Option<Vec<usize>>>) {
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        if form == Form::Transaction {
+            pipe.atomic();
+        }
         let mut replies = Vec::new();
         let tombstone_ms = self.tombstone_ttl.as_millis().to_string();
-        let (mut check_sent, mut restore_sent) = (false, false);
+        let mut check_sent = form == Form::Inline { send_text: false };
+        let mut restore_sent = false;
         for call in calls {
             match call {
                 Call::Plain(index) => {
@@ -563,8 +568,18 @@ impl VersionGuard {
                 }
                 Call::Guarded(indices) => {
                     let check_script = script_call(&CHECK_SCRIPT, &CHECK_SHA, &mut check_sent);
-                    let (check, ordered, stash) =
+                    let (mut check, ordered, stash) =
                         self.check_call(check_script, writes, indices, &tombstone_ms);
+                    if form != Form::Transaction {
+                        for &index in &ordered {
+                            if let Change::Upsert(value) = &writes[index].change {
+                                check.arg(&value[..]);
+                            }
+                        }
+                        pipe.add_command(check);
+                        replies.push(Some(ordered));
+                        continue;
+                    }
                     pipe.add_command(check);
                     let upserts = value_writes(writes, &ordered);
                     replies.push(Some(ordered));
@@ -579,42 +594,6 @@ impl VersionGuard {
                         pipe.add_command(restore);
                         replies.push(None);
                     }
-                }
-            }
-        }
-        (pipe, replies)
-    }
-
-    /// The inline form of `calls`: a plain pipeline in which each guarded call is one
-    /// script call with its values, named by digest unless `send_text` (the first is then
-    /// sent with the script's text). Unversioned writes keep their places between them.
-    fn inline_pipeline(
-        &self,
-        writes: &[CacheWrite],
-        calls: &[&Call],
-        send_text: bool,
-    ) -> (Pipeline, Vec<Option<Vec<usize>>>) {
-        let mut pipe = redis::pipe();
-        let mut replies = Vec::new();
-        let tombstone_ms = self.tombstone_ttl.as_millis().to_string();
-        let mut check_sent = !send_text;
-        for call in calls {
-            match call {
-                Call::Plain(index) => {
-                    pipe.add_command(plain_command(&writes[*index]));
-                    replies.push(None);
-                }
-                Call::Guarded(indices) => {
-                    let script = script_call(&CHECK_SCRIPT, &CHECK_SHA, &mut check_sent);
-                    let (mut check, ordered, _) =
-                        self.check_call(script, writes, indices, &tombstone_ms);
-                    for &index in &ordered {
-                        if let Change::Upsert(value) = &writes[index].change {
-                            check.arg(&value[..]);
-                        }
-                    }
-                    pipe.add_command(check);
-                    replies.push(Some(ordered));
                 }
             }
         }
@@ -779,6 +758,17 @@ fn set_command(write: &CacheWrite, value: &[u8]) -> Cmd {
     cmd
 }
 
+/// How a group of calls goes to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// One transaction: per call, the check script, native value writes and the restore
+    /// script.
+    Transaction,
+    /// A plain pipeline of whole-write script calls, named by digest; with `send_text` the
+    /// first carries the script's text.
+    Inline { send_text: bool },
+}
+
 #[derive(Debug)]
 enum Call {
     Plain(usize),
@@ -894,7 +884,7 @@ mod tests {
         let plan = guard.plan(&writes);
         assert_eq!(plan.len(), 3, "one call per write of the repeated key");
         let calls: Vec<&Call> = plan.iter().collect();
-        let (pipe, _) = guard.transaction(&writes, &calls);
+        let (pipe, _) = guard.pipeline(&writes, &calls, Form::Transaction);
         let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
         assert_eq!(packed.matches(CHECK_SCRIPT.as_str()).count(), 1);
         assert_eq!(packed.matches(RESTORE_SCRIPT.as_str()).count(), 1);
@@ -915,7 +905,7 @@ mod tests {
         ];
         let plan = guard.plan(&writes);
         let calls: Vec<&Call> = plan.iter().collect();
-        let (pipe, replies) = guard.inline_pipeline(&writes, &calls, false);
+        let (pipe, replies) = guard.pipeline(&writes, &calls, Form::Inline { send_text: false });
         let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
         assert!(
             !packed.contains("MULTI") && !packed.contains("MSET"),
@@ -925,7 +915,7 @@ mod tests {
         assert_eq!(packed.matches(CHECK_SHA.as_str()).count(), 2);
         assert!(packed.contains("value-a\r\n") && packed.contains("value-a2"));
         assert_eq!(replies.len(), 2);
-        let (pipe, _) = guard.inline_pipeline(&writes, &calls, true);
+        let (pipe, _) = guard.pipeline(&writes, &calls, Form::Inline { send_text: true });
         let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
         assert_eq!(packed.matches(CHECK_SCRIPT.as_str()).count(), 1);
         assert_eq!(packed.matches(CHECK_SHA.as_str()).count(), 1);
