@@ -504,6 +504,7 @@ impl GuardConfig {
         crate::version_guard::VersionGuard::new(self.tombstone_ttl())
             .with_entries_per_call(entries_per_call)
             .with_cluster_slots(redis.cluster)
+            .with_inline_below(crate::version_guard::INLINE_BELOW)
     }
 }
 

@@ -53,6 +53,11 @@ const CLUSTER_SLOTS: u16 = 16384;
 /// Entries per script call: keeps each call short on the server and within Lua's stack.
 pub const DEFAULT_ENTRIES_PER_CALL: usize = 500;
 
+/// The services' [`VersionGuard::with_inline_below`]: on one server, batches this small cost
+/// Redis less inline than in a transaction (about even at 32 writes, measured with
+/// `guard_bench --inline`).
+pub const INLINE_BELOW: usize = 32;
+
 /// The version key of a value key, in the same Redis Cluster hash slot.
 ///
 /// `order:1001` becomes `__ver:{order:1001}`; a key that already has a hash tag keeps it,
@@ -266,6 +271,7 @@ pub struct VersionGuard {
     entries_per_call: usize,
     cluster: bool,
     inline_values: bool,
+    inline_below: usize,
 }
 
 impl VersionGuard {
@@ -278,6 +284,7 @@ impl VersionGuard {
             entries_per_call: DEFAULT_ENTRIES_PER_CALL,
             cluster: false,
             inline_values: false,
+            inline_below: 0,
         }
     }
 
@@ -306,6 +313,14 @@ impl VersionGuard {
     /// Lua make it dearer per entry than the transaction for large calls on one server.
     pub fn with_inline_values(mut self, inline: bool) -> Self {
         self.inline_values = inline;
+        self
+    }
+
+    /// Batches of fewer than `writes` writes take the inline form on one server too: for
+    /// small batches it costs Redis less than the transaction's fixed costs (see
+    /// docs/version-guard.md). Zero, the default, keeps every batch in the transaction.
+    pub fn with_inline_below(mut self, writes: usize) -> Self {
+        self.inline_below = writes;
         self
     }
 
@@ -403,9 +418,20 @@ impl VersionGuard {
         let plan = self.plan(writes);
         if !self.cluster {
             let calls: Vec<&Call> = plan.iter().collect();
-            self.run_calls(conn, writes, &calls, &mut outcomes).await?;
+            let form = if self.inline_values || writes.len() < self.inline_below {
+                Form::Inline { send_text: false }
+            } else {
+                Form::Transaction
+            };
+            self.run_calls(conn, writes, &calls, form, &mut outcomes)
+                .await?;
             return Ok(outcomes);
         }
+        let form = if self.inline_values {
+            Form::Inline { send_text: false }
+        } else {
+            Form::Transaction
+        };
         // Keys of different slots need no order between them, so each slot's calls form one
         // transaction, in their order, and the slots' transactions go out together.
         let mut by_slot: BTreeMap<u16, Vec<&Call>> = BTreeMap::new();
@@ -423,7 +449,7 @@ impl VersionGuard {
             let mut conn = conn.clone();
             async move {
                 let mut slot_outcomes = vec![WriteOutcome::Applied; writes.len()];
-                self.run_calls(&mut conn, writes, calls, &mut slot_outcomes)
+                self.run_calls(&mut conn, writes, calls, form, &mut slot_outcomes)
                     .await?;
                 Ok::<_, GuardError>((calls, slot_outcomes))
             }
@@ -443,26 +469,25 @@ impl VersionGuard {
         Ok(outcomes)
     }
 
-    /// Runs `calls` in order, as one transaction or, in the inline form, as one pipeline of
-    /// whole-write script calls, and records their outcomes.
+    /// Runs `calls` in order in `form` (one transaction, or one pipeline of whole-write
+    /// script calls), and records their outcomes.
     async fn run_calls<C: ConnectionLike>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
         calls: &[&Call],
+        form: Form,
         outcomes: &mut [WriteOutcome],
     ) -> Result<(), GuardError> {
-        let form = if self.inline_values {
-            Form::Inline { send_text: false }
-        } else {
-            Form::Transaction
-        };
         let (pipe, replies_wanted) = self.pipeline(writes, calls, form);
         let replies: Vec<Value> = match pipe.query_async(conn).await {
-            // The script cache was lost: nothing of a call that met it ran, and calls that
-            // ran before it are idempotent, so every call goes again, the first sending the
-            // script's text.
-            Err(e) if server_error_codes(&e).iter().any(|c| c == "NOSCRIPT") => {
+            // Inline, a lost script cache is harmless: nothing of a call that met it ran, and
+            // calls that ran before it are idempotent, so every call goes again, the first
+            // sending the script's text. (A transaction sends the text with its first call.)
+            Err(e)
+                if form != Form::Transaction
+                    && server_error_codes(&e).iter().any(|c| c == "NOSCRIPT") =>
+            {
                 let (pipe, _) = self.pipeline(writes, calls, Form::Inline { send_text: true });
                 pipe.query_async(conn).await?
             }

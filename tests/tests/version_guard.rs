@@ -462,7 +462,8 @@ proptest! {
         deliveries in prop::collection::vec((0u8..3, 1u8..12), 1..40),
         batch_size in 1usize..10,
         entries_per_call in 1usize..6,
-        inline in any::<bool>(),
+        // 0: transactions; 1: the inline form; 2: inline for batches under 5 writes.
+        form in 0u8..3,
     ) {
         let runtime = RUNTIME.with(|r| r.clone());
         runtime.block_on(async {
@@ -470,7 +471,8 @@ proptest! {
             let prefix = unique_name("prop");
             let guard = VersionGuard::new(Duration::from_secs(600))
                 .with_entries_per_call(entries_per_call)
-                .with_inline_values(inline);
+                .with_inline_values(form == 1)
+                .with_inline_below(if form == 2 { 5 } else { 0 });
             let writes: Vec<CacheWrite> = deliveries.iter().map(|&(k, v)| change(&prefix, k, v)).collect();
 
             let mut outcomes = Vec::new();
