@@ -261,6 +261,11 @@ pub struct RedisConfig {
     /// follows slot moves. The version guard then keeps every transaction on one hash slot.
     #[serde(default)]
     pub cluster: bool,
+    /// More cluster nodes to start from besides `url`. The client reconnects through these
+    /// seeds when it has lost track of the cluster, so list more than one: a single seed that
+    /// is down (a failed-over master, say) leaves it unable to reconnect.
+    #[serde(default)]
+    pub cluster_nodes: Vec<RedactedUrl>,
 }
 
 impl Default for RedisConfig {
@@ -271,6 +276,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             response_timeout_ms: default_redis_response_timeout_ms(),
             cluster: false,
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -300,20 +306,32 @@ impl RedisConfig {
             }
         }
         if !self.cluster {
+            if !self.cluster_nodes.is_empty() {
+                return Err(ConfigError::invalid(
+                    "redis.cluster_nodes",
+                    "set only with redis.cluster = true",
+                ));
+            }
             return Ok(());
         }
-        if !matches!(self.url.scheme(), "redis" | "rediss") {
-            return Err(ConfigError::invalid(
-                "redis.url",
-                "a Redis Cluster node is reached by redis:// or rediss://",
-            ));
-        }
-        let db = self.url.url().path().trim_start_matches('/');
-        if !(db.is_empty() || db == "0") {
-            return Err(ConfigError::invalid(
-                "redis.url",
-                format!("database `{db}` selected, but a Redis Cluster has only database 0"),
-            ));
+        for (key, url) in std::iter::once(("redis.url", &self.url)).chain(
+            self.cluster_nodes
+                .iter()
+                .map(|u| ("redis.cluster_nodes", u)),
+        ) {
+            if !matches!(url.scheme(), "redis" | "rediss") {
+                return Err(ConfigError::invalid(
+                    key,
+                    "a Redis Cluster node is reached by redis:// or rediss://",
+                ));
+            }
+            let db = url.url().path().trim_start_matches('/');
+            if !(db.is_empty() || db == "0") {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("database `{db}` selected, but a Redis Cluster has only database 0"),
+                ));
+            }
         }
         if self.tls_ca_file.is_some() {
             return Err(ConfigError::invalid(
@@ -714,6 +732,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`redis.tls_ca_file`"), "{err}");
+        let c = load_env(&[
+            ("TEST_SVC__REDIS__CLUSTER", "true"),
+            (
+                "TEST_SVC__REDIS__CLUSTER_NODES",
+                r#"["redis://10.0.0.2:7000", "redis://10.0.0.3:7000"]"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.cluster_nodes.len(), 2);
+        let err = load_env(&[
+            ("TEST_SVC__REDIS__CLUSTER", "true"),
+            (
+                "TEST_SVC__REDIS__CLUSTER_NODES",
+                r#"["redis://10.0.0.2:7000/3"]"#,
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`redis.cluster_nodes`"), "{err}");
+        let err = load_env(&[(
+            "TEST_SVC__REDIS__CLUSTER_NODES",
+            r#"["redis://10.0.0.2:7000"]"#,
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`redis.cluster_nodes`"), "{err}");
         // Without cluster mode, a database number is fine.
         load_env(&[("REDIS_URL", "redis://10.0.0.1:7000/2")]).unwrap();
     }

@@ -86,7 +86,8 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, RedisError
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
     let response_timeout = Duration::from_millis(config.response_timeout_ms);
     if config.cluster {
-        let cluster = ClusterClient::builder([config.url.expose()])
+        let seeds = std::iter::once(&config.url).chain(&config.cluster_nodes);
+        let cluster = ClusterClient::builder(seeds.map(|url| url.expose()))
             .connection_timeout(connect_timeout)
             .response_timeout(response_timeout)
             .retries(2)

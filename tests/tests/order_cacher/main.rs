@@ -682,10 +682,18 @@ async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_sta
     highest.remove(&0);
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
+    let more_seeds: Vec<String> = cluster.nodes[1..]
+        .iter()
+        .map(|n| format!("{:?}", n.url))
+        .collect();
     let mut service = scenario
         .service(&index)
         .env("REDIS_URL", &cluster.nodes[0].url)
         .env("ORDER_CACHER__REDIS__CLUSTER", "true")
+        .env(
+            "ORDER_CACHER__REDIS__CLUSTER_NODES",
+            format!("[{}]", more_seeds.join(", ")),
+        )
         .spawn()?;
     service.wait_ready(READY).await?;
     wait_handled(&service, records.len() as f64, DRAIN).await?;
