@@ -21,7 +21,12 @@ pub struct CacheWriter {
     guard: VersionGuard,
     status: DependencyStatus,
     metrics: CacheWriterMetrics,
+    config: RedisConfig,
+    failures_in_a_row: u32,
 }
+
+/// Failed writes in a row after which a cluster connection is built anew.
+const CLUSTER_RECONNECT_AFTER: u32 = 3;
 
 /// The writer's metrics, registered once per service.
 #[derive(Clone)]
@@ -99,6 +104,8 @@ impl CacheWriter {
             guard,
             status,
             metrics,
+            config: config.clone(),
+            failures_in_a_row: 0,
         })
     }
 
@@ -119,9 +126,14 @@ impl CacheWriter {
         gate: &G,
     ) -> Result<Vec<WriteOutcome>, Stopped> {
         let guard = self.guard.clone();
+        let config = &self.config.clone();
         self.retrying(writes.len(), shutdown, gate, |mut conn| {
             let guard = guard.clone();
-            async move { guard.apply_batch(&mut conn, writes).await }
+            async move {
+                let outcomes = guard.apply_batch(&mut conn, writes).await?;
+                replicated(&mut conn, config).await?;
+                Ok(outcomes)
+            }
         })
         .await
     }
@@ -151,22 +163,20 @@ impl CacheWriter {
         } else {
             Vec::new()
         };
+        let config = &self.config.clone();
         self.retrying(pipe.len(), shutdown, gate, |mut conn| {
             let per_slot = &per_slot;
             async move {
                 if per_slot.is_empty() {
-                    return pipe
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(GuardError::from);
+                    pipe.query_async::<()>(&mut conn).await?;
+                } else {
+                    futures::future::try_join_all(per_slot.iter().map(|part| {
+                        let mut conn = conn.clone();
+                        async move { part.query_async::<()>(&mut conn).await }
+                    }))
+                    .await?;
                 }
-                futures::future::try_join_all(per_slot.iter().map(|part| {
-                    let mut conn = conn.clone();
-                    async move { part.query_async::<()>(&mut conn).await }
-                }))
-                .await
-                .map(drop)
-                .map_err(GuardError::from)
+                replicated(&mut conn, config).await
             }
         })
         .await
@@ -198,24 +208,49 @@ impl CacheWriter {
         writes: &[CacheWrite],
     ) -> Result<Vec<WriteOutcome>, GuardError> {
         let started = Instant::now();
-        let result = self.guard.apply_batch(&mut self.conn, writes).await;
+        let result = match self.guard.apply_batch(&mut self.conn, writes).await {
+            Ok(outcomes) => replicated(&mut self.conn, &self.config)
+                .await
+                .map(|()| outcomes),
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(_) => self.record_success(started),
             Err(e) => {
                 self.metrics.failures.inc();
                 if e.is_transient() {
                     self.status.set_up(false);
+                    self.after_transient_failure().await;
                 }
             }
         }
         result
     }
 
-    fn record_success(&self, started: Instant) {
+    fn record_success(&mut self, started: Instant) {
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
         self.status.set_up(true);
+        self.failures_in_a_row = 0;
+    }
+
+    /// A cluster client learns a new topology from `MOVED` replies, but a master that died
+    /// before answering never sends one, and the client keeps trying it after its replica
+    /// took over. So after a few failed writes in a row the cluster connection is built
+    /// anew from the seeds, which reads the topology as it is now.
+    async fn after_transient_failure(&mut self) {
+        self.failures_in_a_row += 1;
+        if !self.conn.is_cluster() || self.failures_in_a_row % CLUSTER_RECONNECT_AFTER != 0 {
+            return;
+        }
+        match crate::redis_conn::connect(&self.config).await {
+            Ok(conn) => {
+                tracing::info!("Reconnected to the Redis Cluster to read its topology anew.");
+                self.conn = conn;
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not reconnect to the Redis Cluster."),
+        }
     }
 
     async fn retrying<T, F, Fut, G>(
@@ -246,6 +281,9 @@ impl CacheWriter {
                 Err(e) => {
                     self.metrics.failures.inc();
                     self.status.set_up(false);
+                    if e.is_transient() {
+                        self.after_transient_failure().await;
+                    }
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(
                         error = %e,
@@ -263,6 +301,26 @@ impl CacheWriter {
             }
         }
     }
+}
+
+/// With `redis.wait_replicas`, waits until that many replicas hold this connection's writes
+/// (on a cluster, of every master: the client sends `WAIT` to each and takes the least).
+async fn replicated(conn: &mut RedisConnection, config: &RedisConfig) -> Result<(), GuardError> {
+    if config.wait_replicas == 0 {
+        return Ok(());
+    }
+    let got: i64 = redis::cmd("WAIT")
+        .arg(config.wait_replicas)
+        .arg(config.wait_timeout_ms)
+        .query_async(conn)
+        .await?;
+    if got < i64::from(config.wait_replicas) {
+        return Err(GuardError::NotReplicated {
+            wanted: config.wait_replicas,
+            got,
+        });
+    }
+    Ok(())
 }
 
 /// `pipe`'s commands as one pipeline per Redis Cluster hash slot, each in the original order.

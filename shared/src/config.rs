@@ -266,6 +266,20 @@ pub struct RedisConfig {
     /// is down (a failed-over master, say) leaves it unable to reconnect.
     #[serde(default)]
     pub cluster_nodes: Vec<RedactedUrl>,
+    /// Replicas that must hold a batch's writes (Redis `WAIT`) before its messages are acked
+    /// or committed. Redis replicates asynchronously, so a master that dies can take writes
+    /// it already confirmed with it; with `WAIT`, such a batch is written again instead. 0
+    /// (the default) does not wait.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long one `WAIT` may take, in milliseconds; a batch too few replicas confirmed in
+    /// time is written again.
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_wait_timeout_ms() -> u64 {
+    1_000
 }
 
 impl Default for RedisConfig {
@@ -277,6 +291,8 @@ impl Default for RedisConfig {
             response_timeout_ms: default_redis_response_timeout_ms(),
             cluster: false,
             cluster_nodes: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout_ms: default_wait_timeout_ms(),
         }
     }
 }

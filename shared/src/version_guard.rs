@@ -221,6 +221,14 @@ pub enum GuardError {
     /// Redis answered something the script never returns.
     #[error("unexpected reply from the version-guard script: {0}")]
     UnexpectedReply(String),
+    /// Fewer replicas than asked confirmed the writes in time (`WAIT`).
+    #[error("{got} of {wanted} replicas confirmed the writes in time")]
+    NotReplicated {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that confirmed.
+        got: i64,
+    },
 }
 
 impl GuardError {
@@ -250,6 +258,7 @@ impl GuardError {
                     })
             }
             GuardError::UnexpectedReply(_) => false,
+            GuardError::NotReplicated { .. } => true,
         }
     }
 }

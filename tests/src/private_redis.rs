@@ -53,23 +53,34 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// A three-master Redis Cluster of private servers.
+/// A Redis Cluster of private servers: three masters, each with a number of replicas.
 pub struct PrivateCluster {
-    /// The masters.
+    /// The servers, masters first.
     pub nodes: Vec<PrivateRedis>,
 }
 
 impl PrivateCluster {
     /// Starts three servers and joins them into a cluster that serves every slot.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_replicas(0).await
+    }
+
+    /// Starts three masters with `replicas` replicas each. A master that stops answering
+    /// for a second is failed over to one of its replicas.
+    pub async fn start_with_replicas(replicas: usize) -> anyhow::Result<Self> {
         let dir = crate::process::scratch_dir("cluster");
         let mut nodes = Vec::new();
-        for node in 0..3 {
+        for node in 0..3 * (1 + replicas) {
             let config_file = dir.join(format!("nodes-{node}.conf"));
             nodes.push(
                 PrivateRedis::start(&[
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    // A replica takes over however long ago it last heard from its master.
+                    "--cluster-replica-validity-factor",
+                    "0",
                     "--cluster-config-file",
                     config_file.to_str().expect("UTF-8 path"),
                     "--dir",
@@ -85,6 +96,7 @@ impl PrivateCluster {
         let created = std::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string()])
             .args(["--cluster-yes"])
             .output()?;
         anyhow::ensure!(
@@ -132,5 +144,24 @@ impl PrivateCluster {
         Ok(redis::cluster::ClusterClient::new(urls)?
             .get_async_connection()
             .await?)
+    }
+}
+
+impl PrivateCluster {
+    /// Kills the first master (`kill -9`) and returns its URL; its replica takes over its
+    /// slots.
+    pub async fn kill_a_master(&mut self) -> anyhow::Result<String> {
+        for index in 0..self.nodes.len() {
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query_async(&mut self.nodes[index].connect().await?)
+                .await?;
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                let node = self.nodes.remove(index);
+                let url = node.url.clone();
+                drop(node);
+                return Ok(url);
+            }
+        }
+        anyhow::bail!("no master found")
     }
 }

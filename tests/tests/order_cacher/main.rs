@@ -740,3 +740,48 @@ async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_sta
     service.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Result<()> {
+    // Two replicas each, so a promoted replica still has one to confirm writes.
+    let mut cluster = PrivateCluster::start_with_replicas(2).await?;
+    let scenario = Scenario::new("cluster-failover", PARTITIONS).await?;
+    let (records, highest) = shuffled_orders(300, 6_000);
+    let (before, after) = records.split_at(3_000);
+    let cluster_seed = cluster.nodes[0].url.clone();
+    let others: Vec<String> = cluster.nodes[1..]
+        .iter()
+        .map(|n| format!("{:?}", n.url))
+        .collect();
+    let mut service = scenario
+        .service("")
+        .env("REDIS_URL", &cluster.nodes[0].url)
+        .env("ORDER_CACHER__REDIS__CLUSTER", "true")
+        // Writes count once a replica holds them: the master that dies takes along any
+        // writes it had not passed on yet.
+        .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
+        .env(
+            "ORDER_CACHER__REDIS__CLUSTER_NODES",
+            format!("[{}]", others.join(", ")),
+        )
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, before).await?;
+    wait_handled(&service, before.len() as f64, DRAIN).await?;
+
+    // The master the service was pointed at dies; until its replica has taken over, writes
+    // to its slots fail and are retried, and the other seeds lead the client back.
+    let killed = cluster.kill_a_master().await?;
+    ensure!(
+        killed == cluster_seed,
+        "the seed {cluster_seed} is a master"
+    );
+    kafka::produce(&producer, &scenario.topic, after).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    assert_highest_versions_on(&mut cluster.client().await?, &scenario, &highest)
+        .await
+        .map_err(|e| e.context(format!("after {killed} was killed")))?;
+    service.stop().await?;
+    Ok(())
+}
