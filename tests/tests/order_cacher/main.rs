@@ -682,19 +682,7 @@ async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_sta
     highest.remove(&0);
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
-    let more_seeds: Vec<String> = cluster.nodes[1..]
-        .iter()
-        .map(|n| format!("{:?}", n.url))
-        .collect();
-    let mut service = scenario
-        .service(&index)
-        .env("REDIS_URL", &cluster.nodes[0].url)
-        .env("ORDER_CACHER__REDIS__CLUSTER", "true")
-        .env(
-            "ORDER_CACHER__REDIS__CLUSTER_NODES",
-            format!("[{}]", more_seeds.join(", ")),
-        )
-        .spawn()?;
+    let mut service = on_cluster(scenario.service(&index), &cluster).spawn()?;
     service.wait_ready(READY).await?;
     wait_handled(&service, records.len() as f64, DRAIN).await?;
 
@@ -749,21 +737,10 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Resul
     let (records, highest) = shuffled_orders(300, 6_000);
     let (before, after) = records.split_at(3_000);
     let cluster_seed = cluster.nodes[0].url.clone();
-    let others: Vec<String> = cluster.nodes[1..]
-        .iter()
-        .map(|n| format!("{:?}", n.url))
-        .collect();
-    let mut service = scenario
-        .service("")
-        .env("REDIS_URL", &cluster.nodes[0].url)
-        .env("ORDER_CACHER__REDIS__CLUSTER", "true")
-        // Writes count once a replica holds them: the master that dies takes along any
-        // writes it had not passed on yet.
+    // Writes count once a replica holds them: the master that dies takes along any writes
+    // it had not passed on yet.
+    let mut service = on_cluster(scenario.service(""), &cluster)
         .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
-        .env(
-            "ORDER_CACHER__REDIS__CLUSTER_NODES",
-            format!("[{}]", others.join(", ")),
-        )
         .spawn()?;
     service.wait_ready(READY).await?;
     let producer = kafka::producer()?;
