@@ -2,6 +2,7 @@
 //! succeed, so a caller acks or commits only what is written.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -21,7 +22,8 @@ pub struct CacheWriter {
     guard: VersionGuard,
     status: DependencyStatus,
     metrics: CacheWriterMetrics,
-    config: RedisConfig,
+    /// Shared by clones, and read by every attempt.
+    config: Arc<RedisConfig>,
     failures_in_a_row: u32,
 }
 
@@ -104,7 +106,7 @@ impl CacheWriter {
             guard,
             status,
             metrics,
-            config: config.clone(),
+            config: Arc::new(config.clone()),
             failures_in_a_row: 0,
         })
     }
@@ -126,7 +128,8 @@ impl CacheWriter {
         gate: &G,
     ) -> Result<Vec<WriteOutcome>, Stopped> {
         let guard = self.guard.clone();
-        let config = &self.config.clone();
+        let config = Arc::clone(&self.config);
+        let config = &*config;
         self.retrying(writes.len(), shutdown, gate, |mut conn| {
             let guard = guard.clone();
             async move {
@@ -163,7 +166,8 @@ impl CacheWriter {
         } else {
             Vec::new()
         };
-        let config = &self.config.clone();
+        let config = Arc::clone(&self.config);
+        let config = &*config;
         self.retrying(pipe.len(), shutdown, gate, |mut conn| {
             let per_slot = &per_slot;
             async move {
