@@ -425,22 +425,18 @@ impl VersionGuard {
             return Ok(outcomes);
         }
         let plan = self.plan(writes);
-        if !self.cluster {
-            let calls: Vec<&Call> = plan.iter().collect();
-            let form = if self.inline_values || writes.len() < self.inline_below {
-                Form::Inline { send_text: false }
-            } else {
-                Form::Transaction
-            };
-            self.run_calls(conn, writes, &calls, form, &mut outcomes)
-                .await?;
-            return Ok(outcomes);
-        }
-        let form = if self.inline_values {
+        let form = if self.inline_values || (!self.cluster && writes.len() < self.inline_below) {
             Form::Inline { send_text: false }
         } else {
             Form::Transaction
         };
+        if !self.cluster {
+            let calls: Vec<&Call> = plan.iter().collect();
+            for (index, outcome) in self.run_calls(conn, writes, &calls, form).await? {
+                outcomes[index] = outcome;
+            }
+            return Ok(outcomes);
+        }
         // Keys of different slots need no order between them, so each slot's calls form one
         // transaction, in their order, and the slots' transactions go out together.
         let mut by_slot: BTreeMap<u16, Vec<&Call>> = BTreeMap::new();
@@ -456,38 +452,24 @@ impl VersionGuard {
         }
         let results = futures::future::try_join_all(by_slot.values().map(|calls| {
             let mut conn = conn.clone();
-            async move {
-                let mut slot_outcomes = vec![WriteOutcome::Applied; writes.len()];
-                self.run_calls(&mut conn, writes, calls, form, &mut slot_outcomes)
-                    .await?;
-                Ok::<_, GuardError>((calls, slot_outcomes))
-            }
+            async move { self.run_calls(&mut conn, writes, calls, form).await }
         }))
         .await?;
-        for (calls, slot_outcomes) in results {
-            for call in calls {
-                let indices = match call {
-                    Call::Plain(index) => std::slice::from_ref(index),
-                    Call::Guarded(indices) => indices.as_slice(),
-                };
-                for &index in indices {
-                    outcomes[index] = slot_outcomes[index];
-                }
-            }
+        for (index, outcome) in results.into_iter().flatten() {
+            outcomes[index] = outcome;
         }
         Ok(outcomes)
     }
 
     /// Runs `calls` in order in `form` (one transaction, or one pipeline of whole-write
-    /// script calls), and records their outcomes.
+    /// script calls). Returns the writes that did not apply, with their outcomes.
     async fn run_calls<C: ConnectionLike>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
         calls: &[&Call],
         form: Form,
-        outcomes: &mut [WriteOutcome],
-    ) -> Result<(), GuardError> {
+    ) -> Result<Vec<(usize, WriteOutcome)>, GuardError> {
         let (pipe, replies_wanted) = self.pipeline(writes, calls, form);
         let replies: Vec<Value> = match pipe.query_async(conn).await {
             // Inline, a lost script cache is harmless: nothing of a call that met it ran, and
@@ -509,12 +491,13 @@ impl VersionGuard {
                 replies_wanted.len()
             )));
         }
+        let mut not_applied = Vec::new();
         for (wanted, reply) in replies_wanted.iter().zip(replies) {
             if let Some(indices) = wanted {
-                record_outcomes(indices, reply, outcomes)?;
+                record_outcomes(indices, reply, &mut not_applied)?;
             }
         }
-        Ok(())
+        Ok(not_applied)
     }
 
     /// Splits writes into pipeline commands. Versioned writes between two unversioned ones
@@ -735,10 +718,11 @@ fn value_writes(writes: &[CacheWrite], indices: &[usize]) -> Vec<Cmd> {
     commands
 }
 
+/// Adds the entries of a script call's reply that did not apply to `not_applied`.
 fn record_outcomes(
     indices: &[usize],
     reply: Value,
-    outcomes: &mut [WriteOutcome],
+    not_applied: &mut Vec<(usize, WriteOutcome)>,
 ) -> Result<(), GuardError> {
     let codes = match reply {
         Value::BulkString(bytes) => bytes,
@@ -757,12 +741,12 @@ fn record_outcomes(
         )));
     }
     for (&index, code) in indices.iter().zip(codes) {
-        outcomes[index] = match code {
-            b'A' => WriteOutcome::Applied,
-            b'S' => WriteOutcome::Stale,
-            b'D' => WriteOutcome::Duplicate,
+        match code {
+            b'A' => {}
+            b'S' => not_applied.push((index, WriteOutcome::Stale)),
+            b'D' => not_applied.push((index, WriteOutcome::Duplicate)),
             other => return Err(GuardError::UnexpectedReply(format!("outcome code {other}"))),
-        };
+        }
     }
     Ok(())
 }
