@@ -241,12 +241,17 @@ impl GuardError {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
+                    // A cluster client with no live connection to the slot's node (every
+                    // node down, or the node gone before its replica took over).
+                    || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
                     || server_error_codes(e).iter().any(|code| {
-                        // Loading, failing over, out of memory or busy with a script: the
-                        // same write succeeds later.
+                        // Loading, failing over, slots moving, out of memory or busy with a
+                        // script: the same write succeeds later.
                         matches!(
                             code.as_str(),
                             "LOADING"
+                                | "MOVED"
+                                | "ASK"
                                 | "TRYAGAIN"
                                 | "CLUSTERDOWN"
                                 | "MASTERDOWN"
@@ -797,6 +802,36 @@ enum Call {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    fn server_error(reply: &[u8]) -> GuardError {
+        let value = redis::parse_redis_value(reply).expect("a RESP error");
+        GuardError::Redis(value.extract_error().expect_err("an error reply"))
+    }
+
+    #[test]
+    fn outages_and_moving_slots_are_transient_and_refusals_are_not() {
+        let no_node = GuardError::Redis(RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "No connections found",
+        )));
+        assert!(no_node.is_transient());
+        for reply in [
+            &b"-MOVED 3999 127.0.0.1:6381\r\n"[..],
+            b"-ASK 3999 127.0.0.1:6381\r\n",
+            b"-CLUSTERDOWN The cluster is down\r\n",
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        ] {
+            assert!(server_error(reply).is_transient(), "{reply:?}");
+        }
+        for reply in [
+            &b"-ERR Error running script: corrupt version state\r\n"[..],
+            b"-NOSCRIPT No matching script\r\n",
+            b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+        ] {
+            assert!(!server_error(reply).is_transient(), "{reply:?}");
+        }
+    }
 
     #[test]
     fn version_key_shares_the_slot() {

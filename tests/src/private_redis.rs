@@ -5,7 +5,8 @@ use std::time::Duration;
 
 /// A Redis of its own, so filling its memory cannot disturb the other tests.
 pub struct PrivateRedis {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
+    args: Vec<String>,
     /// `redis://127.0.0.1:<port>`.
     pub url: String,
 }
@@ -13,23 +14,57 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     /// Starts `redis-server` on a free port with `extra` arguments.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let port = free_port_with_bus()?;
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let server = Self { child, url };
-        let client = redis::Client::open(server.url.as_str())?;
+        let port = free_port_with_bus()?.to_string();
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--port", &port]
+            .into_iter()
+            .chain(["--save", "", "--appendonly", "no"])
+            // Its own snapshot file, for `stop`, even beside other servers in one directory.
+            .chain(["--dbfilename", &format!("dump-{port}.rdb")])
+            .map(str::to_owned)
+            .collect();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let mut server = Self {
+            child: None,
+            args,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// Starts the server again after [`PrivateRedis::stop`], on the same port, with the data
+    /// it saved.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} is running", self.url);
+        self.child = Some(
+            std::process::Command::new("redis-server")
+                .args(&self.args)
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let client = redis::Client::open(self.url.as_str())?;
         for _ in 0..100 {
             if client.get_multiplexed_async_connection().await.is_ok() {
-                return Ok(server);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        anyhow::bail!("redis-server on port {port} did not start")
+        anyhow::bail!("redis-server at {} did not start", self.url)
+    }
+
+    /// Stops the server as an operator would (`SHUTDOWN SAVE`): its data is kept for
+    /// [`PrivateRedis::start_again`], and clients get their connections refused meanwhile.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // The server closes the connection instead of answering.
+        let _ = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query_async::<()>(&mut self.connect().await?)
+            .await;
+        child.wait()?;
+        Ok(())
     }
 }
 
@@ -48,8 +83,10 @@ fn free_port_with_bus() -> anyhow::Result<u16> {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -105,9 +142,30 @@ impl PrivateCluster {
             String::from_utf8_lossy(&created.stdout)
         );
         let cluster = Self { nodes };
+        cluster.wait_ok().await?;
+        Ok(cluster)
+    }
+
+    /// Stops every node ([`PrivateRedis::stop`]): the whole cluster is gone.
+    pub async fn stop_all(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts every node again, and waits until the cluster serves every slot.
+    pub async fn start_all_again(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.start_again().await?;
+        }
+        self.wait_ok().await
+    }
+
+    async fn wait_ok(&self) -> anyhow::Result<()> {
         for _ in 0..200 {
-            if cluster.all_ok().await? {
-                return Ok(cluster);
+            if self.all_ok().await? {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

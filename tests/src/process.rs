@@ -74,6 +74,21 @@ impl ServiceBuilder {
         self
     }
 
+    /// Points the service at `cluster` in cluster mode, with every node as a seed.
+    pub fn on_cluster(self, cluster: &crate::private_redis::PrivateCluster) -> Self {
+        let prefix = self.name.replace('-', "_").to_uppercase();
+        let more_seeds: Vec<String> = cluster.nodes[1..]
+            .iter()
+            .map(|node| format!("{:?}", node.url))
+            .collect();
+        self.env("REDIS_URL", &cluster.nodes[0].url)
+            .env(&format!("{prefix}__REDIS__CLUSTER"), "true")
+            .env(
+                &format!("{prefix}__REDIS__CLUSTER_NODES"),
+                format!("[{}]", more_seeds.join(", ")),
+            )
+    }
+
     /// Sets a config file with these TOML contents.
     pub fn config_toml(mut self, toml: impl Into<String>) -> Self {
         self.config_toml = Some(toml.into());

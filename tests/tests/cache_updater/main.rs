@@ -901,11 +901,7 @@ async fn on_a_redis_cluster_reordered_versions_and_warm_entries_end_where_they_s
 {
     let cluster = fleet_tests::private_redis::PrivateCluster::start().await?;
     let s = Scenario::new("cu-cluster");
-    let mut service = s
-        .service("batch_size = 50")
-        .env("REDIS_URL", &cluster.nodes[0].url)
-        .env("CACHE_UPDATER__REDIS__CLUSTER", "true")
-        .spawn()?;
+    let mut service = s.service("batch_size = 50").on_cluster(&cluster).spawn()?;
     service.wait_ready(READY).await?;
     let (mut messages, mut highest) = shuffled_upserts(&s, 200, 2_000);
     // A warm batch of 300 entries, spread over every node.
@@ -938,6 +934,68 @@ async fn on_a_redis_cluster_reordered_versions_and_warm_entries_end_where_they_s
             .await?;
         ensure!(keys > 0, "{} holds no keys", node.url);
     }
+    service.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_redis_cluster_going_away_dead_letters_nothing_and_resumes_when_it_is_back(
+) -> Result<()> {
+    let mut cluster = fleet_tests::private_redis::PrivateCluster::start().await?;
+    let s = Scenario::new("cu-cluster-down");
+    let mut service = s.service("batch_size = 50").on_cluster(&cluster).spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = shuffled_upserts(&s, 200, 3_000);
+    let (before, after) = messages.split_at(1_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", before)
+        .await?;
+    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
+
+    // Every node stops (its connections refused), for longer than a delivery's write
+    // attempts take: an outage, not a refusal, so nothing may be dead-lettered.
+    cluster.stop_all().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", after)
+        .await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    ensure!(
+        handled(&service).await? < messages.len() as f64,
+        "nothing counted as written while the cluster was gone"
+    );
+    cluster.start_all_again().await?;
+
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let wrong = wrong_versions_on(&mut cluster.client().await?, &highest).await?;
+        if wrong.is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} keys not at their highest version: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let dead = service
+        .metric_sum("cache_updater_dead_letters_total")
+        .await?;
+    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    // Waited out where they were, not sent round the queue again towards the DLQ.
+    let retried = sample(
+        &service,
+        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
+    )
+    .await?;
+    ensure!(retried == 0.0, "{retried} messages put back on the queue");
     service.stop().await?;
     s.cleanup().await;
     Ok(())

@@ -682,7 +682,7 @@ async fn on_a_redis_cluster_orders_end_at_their_highest_versions_and_indexes_sta
     highest.remove(&0);
     kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
 
-    let mut service = on_cluster(scenario.service(&index), &cluster).spawn()?;
+    let mut service = scenario.service(&index).on_cluster(&cluster).spawn()?;
     service.wait_ready(READY).await?;
     wait_handled(&service, records.len() as f64, DRAIN).await?;
 
@@ -739,7 +739,9 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Resul
     let cluster_seed = cluster.nodes[0].url.clone();
     // Writes count once a replica holds them: the master that dies takes along any writes
     // it had not passed on yet.
-    let mut service = on_cluster(scenario.service(""), &cluster)
+    let mut service = scenario
+        .service("")
+        .on_cluster(&cluster)
         .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
         .spawn()?;
     service.wait_ready(READY).await?;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use fleet_tests::kafka::{self, Record};
-use fleet_tests::private_redis::PrivateCluster;
 use fleet_tests::{
     redis, redis_url, socket_addr_of, unique_name, wait_for, FaultProxy, Service, ServiceBuilder,
 };
@@ -103,21 +102,6 @@ max_entries = {max_entries}
             self.prefix
         )
     }
-}
-
-/// `builder` pointed at `cluster` in cluster mode, with every node as a seed.
-pub fn on_cluster(builder: ServiceBuilder, cluster: &PrivateCluster) -> ServiceBuilder {
-    let more_seeds: Vec<String> = cluster.nodes[1..]
-        .iter()
-        .map(|n| format!("{:?}", n.url))
-        .collect();
-    builder
-        .env("REDIS_URL", &cluster.nodes[0].url)
-        .env("ORDER_CACHER__REDIS__CLUSTER", "true")
-        .env(
-            "ORDER_CACHER__REDIS__CLUSTER_NODES",
-            format!("[{}]", more_seeds.join(", ")),
-        )
 }
 
 /// The service with a config of its own.
