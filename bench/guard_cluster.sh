@@ -2,7 +2,8 @@
 # Version-guarded writes on a Redis Cluster against the ceiling `redis-benchmark --cluster -P
 # <batch> SET`, same value size and clients, side by side in one run, alternating. The cluster
 # is three private masters on 127.0.0.1 (ports 7301-7303), started here and stopped on exit.
-# Keys carry no hash tag, so the guard writes one transaction per hash slot of each batch.
+# Keys carry no hash tag, so each key is one script call (a call keeps to one hash slot); a batch
+# goes out as one pipeline of such calls per node.
 #
 #   bench/guard_cluster.sh [rounds]      env: BATCH (default 500) CLIENTS VALUE_SIZE WRITES KEYSPACE
 set -euo pipefail
@@ -58,5 +59,5 @@ c=$(median "${ceiling[@]}"); g=$(median "${guarded[@]}")
 echo
 echo "cluster of ${#PORTS[@]} masters, batch=$BATCH clients=$CLIENTS value_size=$VALUE_SIZE writes=$WRITES keyspace=$KEYSPACE rounds=$ROUNDS"
 echo "median redis-benchmark --cluster -P $BATCH SET : $c writes/s"
-echo "median version-guarded, one transaction per slot : $g writes/s"
+echo "median version-guarded, one pipeline per node    : $g writes/s"
 awk -v g="$g" -v c="$c" 'BEGIN { printf "ratio : %.1f%% of the ceiling\n", 100*g/c }'

@@ -1,11 +1,16 @@
 //! Redis connections: plain, TLS (`rediss://`), ACL users and Redis Cluster, reconnecting by
 //! themselves.
 
+use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value};
 
 use crate::config::RedisConfig;
@@ -41,14 +46,203 @@ pub enum RedisConnection {
     /// One server.
     Server(ConnectionManager),
     /// A Redis Cluster: each command goes to the node owning its keys' slot, and a pipeline to
-    /// the node of its first key, so a pipeline must keep to one slot.
-    Cluster(ClusterConnection),
+    /// the node of its first key, so a pipeline must keep to one slot (but see
+    /// [`SlotRouting::on_node`]). The slot map is shared by the connection's clones.
+    Cluster(ClusterConnection, Arc<Topology>),
 }
 
 impl RedisConnection {
     /// Whether this is a cluster connection.
     pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConnection::Cluster(_))
+        matches!(self, RedisConnection::Cluster(..))
+    }
+}
+
+/// Which node serves each hash slot, as one `CLUSTER SLOTS` reply had it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SlotNodes {
+    node_of_slot: Vec<u16>,
+}
+
+/// Hash slots in a Redis Cluster.
+const SLOTS: usize = 16_384;
+/// The node of a slot that no node serves.
+const NO_NODE: u16 = u16::MAX;
+
+impl SlotNodes {
+    /// The node serving `slot`, as an index that tells nodes apart.
+    pub fn node_of(&self, slot: u16) -> u16 {
+        self.node_of_slot
+            .get(usize::from(slot))
+            .copied()
+            .unwrap_or(NO_NODE)
+    }
+
+    /// Reads a `CLUSTER SLOTS` reply: `[start, end, [host, port, id, ..], replicas..]` per
+    /// range. Nodes are told apart by id (by host and port where a reply has no id).
+    pub fn from_cluster_slots(reply: &Value) -> Option<Self> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut node_of_slot = vec![NO_NODE; SLOTS];
+        let mut nodes: Vec<Vec<u8>> = Vec::new();
+        for range in ranges {
+            let Value::Array(range) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (range.first(), range.get(1), range.get(2))
+            else {
+                return None;
+            };
+            let identity = match (master.get(2), master.first(), master.get(1)) {
+                (Some(Value::BulkString(id)), _, _) => id.clone(),
+                (_, Some(Value::BulkString(host)), Some(Value::Int(port))) => {
+                    [&host[..], b":", port.to_string().as_bytes()].concat()
+                }
+                _ => return None,
+            };
+            let node = match nodes.iter().position(|known| *known == identity) {
+                Some(node) => node,
+                None => {
+                    nodes.push(identity);
+                    nodes.len() - 1
+                }
+            };
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            for slot in node_of_slot.get_mut(start..=end)? {
+                *slot = u16::try_from(node).ok()?;
+            }
+        }
+        Some(Self { node_of_slot })
+    }
+}
+
+/// A cluster connection's slot map, read when first wanted and forgotten when a pipeline
+/// sent by it fails, so the next batch reads the topology as it is then.
+#[derive(Debug, Default)]
+pub struct Topology {
+    slot_nodes: RwLock<Option<Arc<SlotNodes>>>,
+}
+
+impl Topology {
+    fn current(&self) -> Option<Arc<SlotNodes>> {
+        self.slot_nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, nodes: Option<Arc<SlotNodes>>) {
+        *self.slot_nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes;
+    }
+}
+
+/// What the version guard needs to know of a connection to send one pipeline per cluster node
+/// rather than one per hash slot. Connections that track no slot map (a plain connection to
+/// one server or one node) keep the defaults: no map, and pipelines sent as they are.
+pub trait SlotRouting: ConnectionLike + Clone + Send + Sync {
+    /// Which node serves each slot, when this connection tracks it (reading it when unknown).
+    fn slot_nodes(&mut self) -> impl Future<Output = Option<Arc<SlotNodes>>> + Send {
+        async { None }
+    }
+
+    /// A connection that sends each pipeline to the node serving `slot`, whatever slots its
+    /// commands name; the pipeline must keep to slots of that node.
+    fn on_node(&self, slot: u16) -> impl ConnectionLike + Send {
+        let _ = slot;
+        self.clone()
+    }
+}
+
+impl SlotRouting for MultiplexedConnection {}
+impl SlotRouting for ConnectionManager {}
+impl SlotRouting for ClusterConnection {}
+
+impl SlotRouting for RedisConnection {
+    async fn slot_nodes(&mut self) -> Option<Arc<SlotNodes>> {
+        let RedisConnection::Cluster(conn, topology) = self else {
+            return None;
+        };
+        if let Some(nodes) = topology.current() {
+            return Some(nodes);
+        }
+        let reply: Value = match redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not read the cluster's slot map.");
+                return None;
+            }
+        };
+        let nodes = SlotNodes::from_cluster_slots(&reply).map(Arc::new);
+        topology.set(nodes.clone());
+        nodes
+    }
+
+    fn on_node(&self, slot: u16) -> impl ConnectionLike + Send {
+        match self {
+            RedisConnection::Cluster(conn, topology) => Routed::Node {
+                conn: conn.clone(),
+                slot,
+                topology: topology.clone(),
+            },
+            RedisConnection::Server(conn) => Routed::AsIs(conn.clone()),
+        }
+    }
+}
+
+/// [`RedisConnection::on_node`]'s connection.
+enum Routed {
+    AsIs(ConnectionManager),
+    Node {
+        conn: ClusterConnection,
+        slot: u16,
+        topology: Arc<Topology>,
+    },
+}
+
+impl ConnectionLike for Routed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Routed::AsIs(conn) => conn.req_packed_command(cmd),
+            Routed::Node { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let (conn, slot, topology) = match self {
+            Routed::AsIs(conn) => return conn.req_packed_commands(pipeline, offset, count),
+            Routed::Node {
+                conn,
+                slot,
+                topology,
+            } => (conn, *slot, topology),
+        };
+        Box::pin(async move {
+            let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+            let result = conn
+                .route_pipeline(pipeline.clone(), offset, count, route)
+                .await;
+            // A slot that moved answers MOVED or ASK; a node that went away, an error. Either
+            // way the map that grouped this pipeline is read again for the next batch.
+            let failed = match &result {
+                Ok(replies) => replies.iter().any(|r| matches!(r, Value::ServerError(_))),
+                Err(_) => true,
+            };
+            if failed {
+                topology.set(None);
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
     }
 }
 
@@ -56,7 +250,7 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Server(conn) => conn.req_packed_command(cmd),
-            RedisConnection::Cluster(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(conn, _) => conn.req_packed_command(cmd),
         }
     }
 
@@ -68,14 +262,14 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConnection::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
-            RedisConnection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(conn, _) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConnection::Server(conn) => conn.get_db(),
-            RedisConnection::Cluster(conn) => conn.get_db(),
+            RedisConnection::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
@@ -95,6 +289,7 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, RedisError
             .build()?;
         return Ok(RedisConnection::Cluster(
             cluster.get_async_connection().await?,
+            Arc::default(),
         ));
     }
     let manager_config = ConnectionManagerConfig::new()
@@ -137,4 +332,55 @@ pub async fn probe(conn: RedisConnection, status: DependencyStatus, shutdown: Sh
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: i64, id: Option<&str>) -> Value {
+        let mut fields = vec![Value::BulkString(host.into()), Value::Int(port)];
+        fields.extend(id.map(|id| Value::BulkString(id.into())));
+        Value::Array(fields)
+    }
+
+    fn range(start: i64, end: i64, master: Value) -> Value {
+        Value::Array(vec![Value::Int(start), Value::Int(end), master])
+    }
+
+    #[test]
+    fn a_cluster_slots_reply_tells_which_slots_share_a_node() {
+        let reply = Value::Array(vec![
+            range(0, 99, node("127.0.0.1", 7001, Some("a"))),
+            range(100, 199, node("127.0.0.1", 7002, Some("b"))),
+            // A second range of the first node.
+            range(200, 16_383, node("127.0.0.1", 7001, Some("a"))),
+        ]);
+        let nodes = SlotNodes::from_cluster_slots(&reply).expect("a valid reply");
+        assert_eq!(nodes.node_of(0), nodes.node_of(99));
+        assert_eq!(nodes.node_of(0), nodes.node_of(16_383));
+        assert_ne!(nodes.node_of(99), nodes.node_of(100));
+        assert_eq!(nodes.node_of(100), nodes.node_of(199));
+
+        // Without ids, host and port tell nodes apart; a slot no range covers has no node.
+        let reply = Value::Array(vec![
+            range(0, 10, node("127.0.0.1", 7001, None)),
+            range(11, 20, node("127.0.0.1", 7002, None)),
+        ]);
+        let nodes = SlotNodes::from_cluster_slots(&reply).expect("a valid reply");
+        assert_ne!(nodes.node_of(10), nodes.node_of(11));
+        assert_eq!(nodes.node_of(21), NO_NODE);
+    }
+
+    #[test]
+    fn a_reply_that_is_not_a_slot_map_gives_none() {
+        for reply in [
+            Value::Nil,
+            Value::Array(vec![Value::Int(0)]),
+            Value::Array(vec![range(0, 16_384, node("h", 1, Some("a")))]),
+            Value::Array(vec![range(5, 1, node("h", 1, Some("a")))]),
+        ] {
+            assert_eq!(SlotNodes::from_cluster_slots(&reply), None, "{reply:?}");
+        }
+    }
 }

@@ -29,6 +29,39 @@
 -- "<version>:deleted". A present field is the newest state: a version key is only written
 -- together with removing the field. Versions compare by length, then byte by byte: exact
 -- for the whole u64 range.
+
+-- One plain upsert, inline: the call a Redis Cluster makes for most keys (one per hash slot).
+-- The same decisions as the general path below, without its tables and passes, which cost
+-- more than the write itself for a single entry.
+if #KEYS == 3 and #ARGV == 5 and ARGV[2] == 'u' then
+  local key, bucket, v = KEYS[1], KEYS[2], ARGV[4]
+  local function refused(why)
+    return redis.error_reply('ERR version guard refused the batch: ' .. why)
+  end
+  local cur = redis.pcall('HGET', bucket, key)
+  if type(cur) == 'table' then return refused(bucket .. ': ' .. cur.err) end
+  local in_field, version_key = cur, nil
+  if not cur then
+    version_key = tagged('__ver:', key)
+    -- MGET, as below: a stray key of another type reads as no state rather than failing.
+    local state = redis.call('MGET', version_key)[1]
+    if state then
+      cur = string.match(state, '^%d+$') or string.match(state, '^(%d+):deleted$')
+      if not cur then return refused('malformed version state of ' .. key) end
+    end
+  end
+  if cur and (#v < #cur or (#v == #cur and v <= cur)) then
+    if in_field and not string.find(cur, '^%d+$') then
+      return refused('malformed version state of ' .. key)
+    end
+    return (v == cur) and 'D' or 'S'
+  end
+  redis.call('HSET', bucket, key, v)
+  if cur and not in_field then redis.call('DEL', version_key) end
+  redis.call('SET', key, ARGV[5])
+  return ''
+end
+
 local ops = ARGV[2]
 local n = #ops
 local nb = #KEYS - n - 1

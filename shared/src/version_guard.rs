@@ -22,6 +22,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisError, Value};
 
+use crate::redis_conn::SlotRouting;
 use crate::version::Version;
 
 /// The version check and version writes, step 1 of a guarded transaction.
@@ -389,7 +390,7 @@ impl VersionGuard {
     }
 
     /// Writes `value` at `key` only if `version` is newer than the stored version.
-    pub async fn upsert_if_newer<C: ConnectionLike + Clone>(
+    pub async fn upsert_if_newer<C: SlotRouting>(
         &self,
         conn: &mut C,
         key: &str,
@@ -403,7 +404,7 @@ impl VersionGuard {
     }
 
     /// Deletes `key` only if `version` is newer than the stored version, leaving a tombstone.
-    pub async fn delete_if_newer<C: ConnectionLike + Clone>(
+    pub async fn delete_if_newer<C: SlotRouting>(
         &self,
         conn: &mut C,
         key: &str,
@@ -420,7 +421,7 @@ impl VersionGuard {
     /// On an error nothing of a failed transaction took effect, except in the rare case
     /// where Redis ran it and the connection broke before the reply: retrying is safe either
     /// way, because guarded writes are idempotent.
-    pub async fn apply_batch<C: ConnectionLike + Clone>(
+    pub async fn apply_batch<C: SlotRouting>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite],
@@ -442,8 +443,10 @@ impl VersionGuard {
             }
             return Ok(outcomes);
         }
-        // Keys of different slots need no order between them, so each slot's calls form one
-        // transaction, in their order, and the slots' transactions go out together.
+        // Keys of different slots need no order between them: each slot's calls keep their
+        // order, and the slots go out together. Inline, the slots of one node share one
+        // pipeline when the connection knows which node serves which slot; a transaction
+        // must keep to one slot.
         let mut by_slot: BTreeMap<u16, Vec<&Call>> = BTreeMap::new();
         for call in &plan {
             let first = match call {
@@ -455,9 +458,32 @@ impl VersionGuard {
                 .or_default()
                 .push(call);
         }
-        let results = futures::future::try_join_all(by_slot.values().map(|calls| {
-            let mut conn = conn.clone();
-            async move { self.run_calls(&mut conn, writes, calls, form).await }
+        let nodes = match form {
+            Form::Inline { .. } => conn.slot_nodes().await,
+            Form::Transaction => None,
+        };
+        // Per group: the slot whose node it goes to, and its calls.
+        let mut groups: BTreeMap<u16, (u16, Vec<&Call>)> = BTreeMap::new();
+        for (slot, calls) in by_slot {
+            let group = nodes.as_ref().map_or(slot, |nodes| nodes.node_of(slot));
+            groups
+                .entry(group)
+                .or_insert_with(|| (slot, Vec::new()))
+                .1
+                .extend(calls);
+        }
+        let routed = nodes.is_some();
+        let results = futures::future::try_join_all(groups.into_values().map(|(slot, calls)| {
+            let conn = conn.clone();
+            async move {
+                if routed {
+                    let mut conn = conn.on_node(slot);
+                    self.run_calls(&mut conn, writes, &calls, form).await
+                } else {
+                    let mut conn = conn;
+                    self.run_calls(&mut conn, writes, &calls, form).await
+                }
+            }
         }))
         .await?;
         for (index, outcome) in results.into_iter().flatten() {

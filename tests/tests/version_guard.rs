@@ -290,6 +290,13 @@ async fn a_corrupt_version_state_refuses_the_whole_batch_and_changes_nothing() -
         vec![WriteOutcome::Applied]
     );
     assert_eq!(conn.get::<_, String>(&good).await?, "after");
+    // Alone (one script call holding one write), the corrupt one is refused all the same.
+    let error = g.apply_batch(&mut conn, &batch[1..]).await.unwrap_err();
+    assert!(
+        error.to_string().contains("malformed version state"),
+        "{error}"
+    );
+    assert_eq!(conn.get::<_, String>(&corrupt).await?, "before");
     Ok(())
 }
 
@@ -708,5 +715,121 @@ async fn cluster_mode_keeps_every_call_on_one_slot_of_a_real_cluster() -> anyhow
         }
     }
     assert_eq!(checked, keys.len(), "every key was owned by one node");
+    Ok(())
+}
+
+/// A connection of the services' kind to `cluster`, every node a seed.
+async fn service_connection(
+    cluster: &PrivateCluster,
+) -> anyhow::Result<fleet::redis_conn::RedisConnection> {
+    let config = fleet::config::RedisConfig {
+        url: fleet::secret::RedactedUrl::parse(&cluster.nodes[0].url)?,
+        cluster_nodes: cluster.nodes[1..]
+            .iter()
+            .map(|node| fleet::secret::RedactedUrl::parse(&node.url))
+            .collect::<Result<_, _>>()?,
+        cluster: true,
+        ..Default::default()
+    };
+    Ok(fleet::redis_conn::connect(&config).await?)
+}
+
+/// The id of the node serving `slot`, and the ids of all nodes.
+async fn slot_owner(
+    conn: &mut redis::aio::MultiplexedConnection,
+    slot: u16,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+    let mut owner = None;
+    let mut ids = Vec::new();
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        ids.push(fields[0].to_string());
+        for range in &fields[8..] {
+            let (start, end) = range.split_once('-').unwrap_or((range, range));
+            if (start.parse::<u16>()?..=end.parse::<u16>()?).contains(&slot) {
+                owner = Some(fields[0].to_string());
+            }
+        }
+    }
+    Ok((owner.expect("every slot is served"), ids))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_batch_goes_one_pipeline_per_node_and_follows_a_slot_that_moved(
+) -> anyhow::Result<()> {
+    let cluster = PrivateCluster::start().await?;
+    let mut conn = service_connection(&cluster).await?;
+    let guard = VersionGuard::new(Duration::from_secs(60)).with_cluster_slots(true);
+    guard.load(&mut conn).await?;
+    let keys: Vec<String> = (0..300).map(|i| format!("pn:{i}")).collect();
+    let writes = |version: u64| -> Vec<CacheWrite> {
+        keys.iter()
+            .map(|k| {
+                CacheWrite::upsert(
+                    k.as_str(),
+                    format!("v{version}"),
+                    Some(Version::new(version)),
+                )
+            })
+            .collect()
+    };
+    let outcomes = guard.apply_batch(&mut conn, &writes(1)).await?;
+    assert!(outcomes.iter().all(|o| *o == WriteOutcome::Applied));
+
+    // A slot moves to another node behind the connection's back: the slot map it read is
+    // stale, so the pipeline that still carries that slot meets MOVED. That failure is
+    // transient, and the batch written again goes where the slot is now.
+    // Its slot is below every other key's, so it leads its node's pipeline, which is routed
+    // by its first slot: the client's own slot map must be set right as well.
+    let lowest = keys
+        .iter()
+        .map(|k| fleet::version_guard::cluster_slot(k))
+        .min()
+        .expect("keys");
+    let moving = (0..)
+        .map(|i| format!("pn:moving:{i}"))
+        .find(|k| fleet::version_guard::cluster_slot(k) < lowest)
+        .expect("a key in a lower slot");
+    let moving = moving.as_str();
+    let slot = fleet::version_guard::cluster_slot(moving);
+    let mut seed = cluster.nodes[0].connect().await?;
+    let (owner, ids) = slot_owner(&mut seed, slot).await?;
+    let target = ids
+        .iter()
+        .find(|id| **id != owner)
+        .expect("three nodes")
+        .clone();
+    for node in &cluster.nodes {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&target)
+            .query_async(&mut node.connect().await?)
+            .await?;
+    }
+    let mut batch = writes(2);
+    batch.push(CacheWrite::upsert(moving, "v2", Some(Version::new(2))));
+    let mut attempts = 0;
+    let outcomes = loop {
+        attempts += 1;
+        match guard.apply_batch(&mut conn, &batch).await {
+            Ok(outcomes) => break outcomes,
+            Err(e) if e.is_transient() && attempts < 5 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // A retried batch reports writes its failed attempt made as duplicates.
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, WriteOutcome::Applied | WriteOutcome::Duplicate)));
+    let mut reader = cluster.client().await?;
+    for key in keys.iter().map(String::as_str).chain([moving]) {
+        let value: Option<String> = reader.get(key).await?;
+        assert_eq!(value.as_deref(), Some("v2"), "{key}");
+    }
+    let (now, _) = slot_owner(&mut seed, slot).await?;
+    assert_eq!(now, target, "the slot moved");
     Ok(())
 }
