@@ -8,6 +8,8 @@
 //! possible script, one `MSET` of the values with no version read or write, and prints
 //! `script_floor_writes_per_sec=<n>`: what passing the values through Lua costs on this
 //! server before guarding anything.
+//!
+//! With `--wait-replicas <n>` each batch is followed by `WAIT <n>`, for `bench/guard_wait.sh`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,9 +39,13 @@ struct Args {
     #[arg(long)]
     script_floor: bool,
     /// `--redis-url` is a node of a Redis Cluster: write through a cluster client, with the
-    /// guard in cluster mode (one transaction per hash slot).
+    /// guard in cluster mode (one script call per hash slot, one pipeline per node).
     #[arg(long)]
     cluster: bool,
+    /// After each batch, wait until this many replicas hold it (`WAIT`), as the services do
+    /// with `redis.wait_replicas`.
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: u32,
     /// The guard's inline form on a single server too (it is always on in cluster mode).
     #[arg(long)]
     inline: bool,
@@ -92,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             remaining.clone(),
         );
         let (batch, keyspace, prefix) = (args.batch as u64, args.keyspace, args.prefix.clone());
-        let script_floor = args.script_floor;
+        let (script_floor, wait_replicas) = (args.script_floor, args.wait_replicas);
         tasks.push(tokio::spawn(async move {
             let mut writes = Vec::with_capacity(batch as usize);
             loop {
@@ -126,6 +132,14 @@ async fn main() -> anyhow::Result<()> {
                     let _: i64 = call.invoke_async(&mut conn).await?;
                 } else {
                     guard.apply_batch(&mut conn, &writes).await?;
+                }
+                if wait_replicas > 0 {
+                    let got: u32 = redis::cmd("WAIT")
+                        .arg(wait_replicas)
+                        .arg(5_000)
+                        .query_async(&mut conn)
+                        .await?;
+                    anyhow::ensure!(got >= wait_replicas, "WAIT: {got} replicas");
                 }
             }
         }));
