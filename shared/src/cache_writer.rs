@@ -10,7 +10,7 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::RedisConfig;
 use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics};
-use crate::redis_conn::RedisConnection;
+use crate::redis_conn::{RedisConnection, SlotRouting};
 use crate::shutdown::Shutdown;
 use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
 
@@ -159,29 +159,34 @@ impl CacheWriter {
         shutdown: &Shutdown,
         gate: &G,
     ) -> Result<(), Stopped> {
-        // A cluster takes a pipeline to the node of its first key, so there it goes as one
-        // pipeline per hash slot, sent together; each keeps its commands' order.
-        let per_slot = if self.conn.is_cluster() {
-            split_by_slot(pipe)
-        } else {
-            Vec::new()
-        };
+        // On a cluster, commands of different slots need no order between them: the pipeline
+        // goes as one part per node (per slot while the slot map is unknown), sent together,
+        // each keeping its commands' order.
+        let cluster = self.conn.is_cluster();
         let config = Arc::clone(&self.config);
         let config = &*config;
-        self.retrying(pipe.len(), shutdown, gate, |mut conn| {
-            let per_slot = &per_slot;
-            async move {
-                if per_slot.is_empty() {
-                    pipe.query_async::<()>(&mut conn).await?;
-                } else {
-                    futures::future::try_join_all(per_slot.iter().map(|part| {
-                        let mut conn = conn.clone();
-                        async move { part.query_async::<()>(&mut conn).await }
-                    }))
-                    .await?;
-                }
-                replicated(&mut conn, config).await
+        self.retrying(pipe.len(), shutdown, gate, |mut conn| async move {
+            if !cluster {
+                pipe.query_async::<()>(&mut conn).await?;
+                return replicated(&mut conn, config).await;
             }
+            let nodes = conn.slot_nodes().await;
+            let parts = split_by_slot(pipe, |slot| {
+                nodes.as_ref().map_or(slot, |nodes| nodes.node_of(slot))
+            });
+            futures::future::try_join_all(parts.iter().map(|(slot, part)| {
+                let conn = conn.clone();
+                let routed = nodes.is_some();
+                async move {
+                    if routed {
+                        part.query_async::<()>(&mut conn.on_node(*slot)).await
+                    } else {
+                        part.query_async::<()>(&mut conn.clone()).await
+                    }
+                }
+            }))
+            .await?;
+            replicated(&mut conn, config).await
         })
         .await
     }
@@ -330,8 +335,15 @@ async fn replicated(conn: &mut RedisConnection, config: &RedisConfig) -> Result<
 /// `pipe`'s commands as one pipeline per Redis Cluster hash slot, each in the original order.
 /// A command's key is its first argument, as in the single-key commands these pipelines hold.
 /// Replies are dropped.
-fn split_by_slot(pipe: &redis::Pipeline) -> Vec<redis::Pipeline> {
-    let mut parts: std::collections::BTreeMap<u16, redis::Pipeline> = Default::default();
+/// Splits a pipeline into parts of commands whose slots `group` maps alike, each keeping its
+/// commands' order, with the slot of each part's first command. A command's key is taken to
+/// be its first argument, as in the index commands (ZADD, ZREM, ZREMRANGEBYRANK, PEXPIRE) sent
+/// this way.
+fn split_by_slot(
+    pipe: &redis::Pipeline,
+    group: impl Fn(u16) -> u16,
+) -> Vec<(u16, redis::Pipeline)> {
+    let mut parts: std::collections::BTreeMap<u16, (u16, redis::Pipeline)> = Default::default();
     for cmd in pipe.cmd_iter() {
         let slot = match cmd.args_iter().nth(1) {
             Some(redis::Arg::Simple(key)) => {
@@ -340,8 +352,9 @@ fn split_by_slot(pipe: &redis::Pipeline) -> Vec<redis::Pipeline> {
             _ => 0,
         };
         parts
-            .entry(slot)
-            .or_insert_with(redis::pipe)
+            .entry(group(slot))
+            .or_insert_with(|| (slot, redis::pipe()))
+            .1
             .add_command(cmd.clone())
             .ignore();
     }
@@ -367,17 +380,29 @@ mod tests {
             .arg("user:{1}:orders")
             .arg(0)
             .arg(-11);
-        let parts = split_by_slot(&pipe);
+        let parts = split_by_slot(&pipe, |slot| slot);
         assert_eq!(parts.len(), 2);
-        let packed: Vec<String> = parts
+        let packed: Vec<(u16, String)> = parts
             .iter()
-            .map(|p| String::from_utf8_lossy(&p.get_packed_pipeline()).into_owned())
+            .map(|(slot, p)| {
+                let text = String::from_utf8_lossy(&p.get_packed_pipeline()).into_owned();
+                (*slot, text)
+            })
             .collect();
-        let first = packed
+        let (slot, first) = packed
             .iter()
-            .find(|p| p.contains("user:{1}:orders"))
+            .find(|(_, p)| p.contains("user:{1}:orders"))
             .expect("slot of user 1");
+        assert_eq!(*slot, crate::version_guard::cluster_slot("user:{1}:orders"));
         assert!(first.find("ZADD").unwrap() < first.find("ZREMRANGEBYRANK").unwrap());
         assert!(!first.contains("user:{2}"));
+
+        // Slots one node serves share a part, each slot's commands in order.
+        let parts = split_by_slot(&pipe, |_| 0);
+        assert_eq!(parts.len(), 1);
+        let (slot, all) = &parts[0];
+        assert_eq!(*slot, crate::version_guard::cluster_slot("user:{1}:orders"));
+        let all = String::from_utf8_lossy(&all.get_packed_pipeline()).into_owned();
+        assert!(all.find("user:{2}").unwrap() < all.find("ZREMRANGEBYRANK").unwrap());
     }
 }
