@@ -24,21 +24,17 @@ bin=target/release/examples/guard_bench
 dir=$DEPS_DIR/guard-cluster
 rm -rf "$dir" && mkdir -p "$dir"
 
-stop_nodes() {
-  for port in "${PORTS[@]}"; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
-}
+stop_nodes() { stop_private_redis "${PORTS[@]}"; }
 trap stop_nodes EXIT
 for port in "${PORTS[@]}"; do
-  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-    --notify-keyspace-events KEA --cluster-enabled yes --dir "$dir" \
-    --cluster-config-file "nodes-$port.conf" --daemonize yes --logfile "$dir/$port.log"
-done
-for port in "${PORTS[@]}"; do
-  for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  start_private_redis "$dir" "$port" --cluster-enabled yes --cluster-config-file "nodes-$port.conf"
 done
 redis-cli --cluster create "${PORTS[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
-for _ in $(seq 1 100); do
-  redis-cli -p "${PORTS[0]}" cluster info | grep -q cluster_state:ok && break; sleep 0.1
+# Every node must see the cluster up: one that does not yet answers CLUSTERDOWN.
+for port in "${PORTS[@]}"; do
+  for _ in $(seq 1 100); do
+    redis-cli -p "$port" cluster info | grep -q cluster_state:ok && break; sleep 0.1
+  done
 done
 flush() { for port in "${PORTS[@]}"; do redis-cli -p "$port" flushall >/dev/null; done; }
 

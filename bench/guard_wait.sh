@@ -24,17 +24,10 @@ bin=target/release/examples/guard_bench
 dir=$DEPS_DIR/guard-wait
 rm -rf "$dir" && mkdir -p "$dir"
 
-stop_nodes() {
-  for port in "$REPLICA" "$MASTER"; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
-}
+stop_nodes() { stop_private_redis "$REPLICA" "$MASTER"; }
 trap stop_nodes EXIT
-for port in "$MASTER" "$REPLICA"; do
-  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$dir" \
-    --notify-keyspace-events KEA --daemonize yes --logfile "$dir/$port.log"
-done
-for port in "$MASTER" "$REPLICA"; do
-  for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-done
+start_private_redis "$dir" "$MASTER"
+start_private_redis "$dir" "$REPLICA"
 redis-cli -p "$REPLICA" replicaof 127.0.0.1 "$MASTER" >/dev/null
 for _ in $(seq 1 100); do
   redis-cli -p "$MASTER" info replication | grep -q 'connected_slaves:1' && break; sleep 0.1

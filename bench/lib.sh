@@ -47,3 +47,21 @@ trap stop_service EXIT
 
 # peak_rss_mib: the running service's peak resident memory.
 peak_rss_mib() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$service_pid/status"; }
+
+# start_private_redis <dir> <port> [redis-server args...]: a throwaway redis-server on 127.0.0.1
+# (no persistence, keyspace events on, as scripts/deps runs it), logging to <dir>/<port>.log;
+# returns once it answers.
+start_private_redis() {
+  local dir=$1 port=$2
+  shift 2
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$dir" \
+    --notify-keyspace-events KEA --daemonize yes --logfile "$dir/$port.log" "$@"
+  for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis-server on port $port did not start" >&2
+  return 1
+}
+
+# stop_private_redis <port...>
+stop_private_redis() {
+  for port in "$@"; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
+}
