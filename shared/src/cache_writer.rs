@@ -9,7 +9,7 @@ use backon::BackoffBuilder;
 use prometheus::{Histogram, IntCounter};
 
 use crate::config::RedisConfig;
-use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics};
+use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metrics, Readiness};
 use crate::redis_conn::{RedisConnection, SlotRouting};
 use crate::shutdown::Shutdown;
 use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
@@ -26,6 +26,9 @@ pub struct CacheWriter {
     config: Arc<RedisConfig>,
     failures_in_a_row: u32,
 }
+
+/// The name of the writer's readiness switch.
+pub const WRITES_READINESS: &str = "redis_writes";
 
 /// Failed writes in a row after which a cluster connection is built anew.
 const CLUSTER_RECONNECT_AFTER: u32 = 3;
@@ -86,15 +89,18 @@ impl AttemptGate for Open {
 impl CacheWriter {
     /// Connects with backoff and loads the guard's script. `None` means shutdown came first.
     ///
-    /// `status` is the service's `redis` readiness switch: the writer marks it down while
-    /// writes fail and up again when one succeeds.
+    /// The writer registers the readiness switch `redis_writes`, down while writes fail and
+    /// up again when one succeeds. It is apart from `redis` (whether Redis answers a `PING`,
+    /// kept by [`crate::watch::redis`]): a server out of memory, or refusing writes since a
+    /// snapshot failed, still answers `PING`, and the service must not look ready then.
     pub async fn connect(
         config: &RedisConfig,
         guard: VersionGuard,
-        status: DependencyStatus,
+        readiness: &Readiness,
         metrics: CacheWriterMetrics,
         shutdown: &Shutdown,
     ) -> Option<Self> {
+        let status = readiness.dependency(WRITES_READINESS);
         let conn = crate::redis_conn::connect_with_retry(config, &status, shutdown).await?;
         crate::retry::until_ok("load version-guard script", shutdown, || {
             let (guard, mut conn) = (guard.clone(), conn.clone());

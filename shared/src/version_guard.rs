@@ -245,12 +245,19 @@ impl GuardError {
                     // A cluster client with no live connection to the slot's node (every
                     // node down, or the node gone before its replica took over).
                     || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                    // Credentials the server no longer takes refuse every write alike.
+                    || e.kind() == redis::ErrorKind::AuthenticationFailed
                     || server_error_codes(e).iter().any(|code| {
-                        // Loading, failing over, slots moving, out of memory or busy with a
-                        // script: the same write succeeds later.
+                        // Loading, failing over, slots moving, out of memory, busy with a
+                        // script, refusing writes since a snapshot failed (a full disk, say),
+                        // or a connection not (or no longer) authenticated: the server's
+                        // state, not the write's, and the same write succeeds later.
                         matches!(
                             code.as_str(),
                             "LOADING"
+                                | "MISCONF"
+                                | "NOAUTH"
+                                | "WRONGPASS"
                                 | "MOVED"
                                 | "ASK"
                                 | "TRYAGAIN"
@@ -847,6 +854,8 @@ mod tests {
             b"-CLUSTERDOWN The cluster is down\r\n",
             b"-LOADING Redis is loading the dataset in memory\r\n",
             b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
+            b"-NOAUTH Authentication required.\r\n",
         ] {
             assert!(server_error(reply).is_transient(), "{reply:?}");
         }

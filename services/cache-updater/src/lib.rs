@@ -66,7 +66,7 @@ pub async fn run(config: CacheUpdaterConfig, shutdown: Shutdown) -> Result<(), E
     let cache = CacheWriter::connect(
         &config.redis,
         guard,
-        metrics.readiness().dependency("redis"),
+        metrics.readiness(),
         pipeline_metrics.writer.clone(),
         &shutdown,
     )

@@ -77,7 +77,7 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
     let cache = CacheWriter::connect(
         &config.redis,
         guard,
-        metrics.readiness().dependency("redis"),
+        metrics.readiness(),
         pipeline_metrics.writer.clone(),
         &shutdown,
     )

@@ -1000,3 +1000,100 @@ async fn a_whole_redis_cluster_going_away_dead_letters_nothing_and_resumes_when_
     s.cleanup().await;
     Ok(())
 }
+
+/// Whether `conn`'s server refuses writes because its last snapshot failed.
+async fn refuses_writes(conn: &mut redis::aio::MultiplexedConnection) -> Result<bool> {
+    Ok(
+        match redis::cmd("SET")
+            .arg("misconf-probe")
+            .arg(1)
+            .query_async::<()>(conn)
+            .await
+        {
+            Ok(()) => false,
+            Err(e) if e.code() == Some("MISCONF") => true,
+            Err(e) => return Err(e.into()),
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_refusing_every_write_after_a_failed_snapshot_is_waited_out_not_dead_lettered(
+) -> Result<()> {
+    let dir = fleet_tests::process::scratch_dir("cu-misconf");
+    let dir_arg = dir.to_str().expect("UTF-8 path").to_owned();
+    let server =
+        fleet_tests::private_redis::PrivateRedis::start(&["--save", "3600 1", "--dir", &dir_arg])
+            .await?;
+    let s = Scenario::new("cu-misconf");
+    let mut service = s.service("").env("REDIS_URL", &server.url).spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 100, 1_000);
+    let (before, after) = messages.split_at(100);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", before)
+        .await?;
+    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
+
+    // A snapshot fails (its directory is gone, as when a disk fails): Redis refuses every
+    // write with MISCONF until a snapshot succeeds. That is the server's state, not the
+    // messages' fault, so nothing may be dead-lettered meanwhile.
+    let mut conn = server.connect().await?;
+    std::fs::remove_dir_all(&dir)?;
+    let _: redis::Value = redis::cmd("BGSAVE").query_async(&mut conn).await?;
+    wait_for("writes refused", Duration::from_secs(10), || async {
+        Ok(refuses_writes(&mut server.connect().await?)
+            .await?
+            .then_some(()))
+    })
+    .await?;
+    publisher
+        .publish(&s.exchange, "cache.update", after)
+        .await?;
+    // Redis still answers PING, but the service must not look ready while its writes fail.
+    service.wait_readyz(503, Duration::from_secs(10)).await?;
+    let refusing_since = Instant::now();
+    while refusing_since.elapsed() < Duration::from_secs(10) {
+        let (status, body) = service.get("/readyz").await?;
+        ensure!(
+            status == 503 && body.contains("redis_writes: down"),
+            "ready while every write failed: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        handled(&service).await? <= before.len() as f64,
+        "nothing counted as written while Redis refused writes"
+    );
+
+    // The operator lets writes through again.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stop-writes-on-bgsave-error")
+        .arg("no")
+        .query_async(&mut conn)
+        .await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let wrong = wrong_versions_on(&mut conn, &highest).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys not at their highest version: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    let dead = service
+        .metric_sum("cache_updater_dead_letters_total")
+        .await?;
+    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    let retried = sample(
+        &service,
+        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
+    )
+    .await?;
+    ensure!(retried == 0.0, "{retried} messages put back on the queue");
+    service.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}

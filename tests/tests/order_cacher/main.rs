@@ -764,3 +764,65 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Resul
     service.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_out_of_memory_is_waited_out_as_not_ready_and_loses_nothing() -> Result<()> {
+    let server =
+        fleet_tests::private_redis::PrivateRedis::start(&["--maxmemory-policy", "noeviction"])
+            .await?;
+    let scenario = Scenario::new("oom", PARTITIONS).await?;
+    let mut service = scenario.service("").env("REDIS_URL", &server.url).spawn()?;
+    service.wait_ready(READY).await?;
+    let (records, highest) = shuffled_orders(300, 6_000);
+    let (before, after) = records.split_at(1_000);
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, before).await?;
+    wait_handled(&service, before.len() as f64, DRAIN).await?;
+
+    // Redis fills up: it still answers PING, but refuses every write (OOM).
+    let mut conn = server.connect().await?;
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .expect("used_memory")
+        .trim()
+        .parse()?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used / 2)
+        .query_async::<()>(&mut conn)
+        .await?;
+    kafka::produce(&producer, &scenario.topic, after).await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    let full_since = std::time::Instant::now();
+    while full_since.elapsed() < Duration::from_secs(8) {
+        let (status, body) = service.get("/readyz").await?;
+        ensure!(
+            status == 503 && body.contains("redis_writes: down"),
+            "ready while every write failed: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let during = handled(&service).await?;
+    ensure!(
+        during < records.len() as f64,
+        "nothing counted as written while Redis was full: {during}"
+    );
+
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async::<()>(&mut conn)
+        .await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    assert_highest_versions_on(&mut conn, &scenario, &highest).await?;
+    service.stop().await?;
+    Ok(())
+}
