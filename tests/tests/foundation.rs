@@ -254,7 +254,7 @@ async fn rediss_and_amqps_work_with_a_private_ca() -> anyhow::Result<()> {
         .spawn()?;
     service.wait_ready(READY_TIMEOUT).await?;
     let (_, body) = service.get("/readyz").await?;
-    assert_eq!(body, "amqp: up\nredis: up\n");
+    assert_eq!(body, "amqp: up\nredis: up\nredis_writes: up\n");
     assert!(
         !service.logs().contains("guest:guest"),
         "AMQP password leaked into logs"
