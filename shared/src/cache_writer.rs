@@ -25,6 +25,8 @@ pub struct CacheWriter {
     /// Shared by clones, and read by every attempt.
     config: Arc<RedisConfig>,
     failures_in_a_row: u32,
+    /// Attempts of a write Redis refuses before [`Stopped::Rejected`]; `None` retries on.
+    rejected_after: Option<u32>,
 }
 
 /// The name of the writer's readiness switch.
@@ -59,12 +61,15 @@ impl CacheWriterMetrics {
 }
 
 /// Why a retried write gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Stopped {
     /// Shutdown came during a retry: nothing of the batch may be acked or committed.
     Shutdown,
     /// The gate refused the next attempt.
     Refused,
+    /// Redis refused the write itself (not an outage) as many times as
+    /// [`CacheWriter::with_rejected_after`] allows: retrying will not help.
+    Rejected(GuardError),
 }
 
 /// Asked before every attempt of a gated write ([`CacheWriter::write_gated`]).
@@ -114,7 +119,16 @@ impl CacheWriter {
             metrics,
             config: Arc::new(config.clone()),
             failures_in_a_row: 0,
+            rejected_after: None,
         })
+    }
+
+    /// Gives up on a write or pipeline that Redis refuses (a corrupt stored version, say,
+    /// rather than an outage) after `attempts` attempts, with [`Stopped::Rejected`], instead
+    /// of retrying it for as long as it takes. Outages are still waited out.
+    pub fn with_rejected_after(mut self, attempts: u32) -> Self {
+        self.rejected_after = Some(attempts.max(1));
+        self
     }
 
     /// Writes one batch and returns each write's outcome, in order, asking `gate` before
@@ -136,7 +150,8 @@ impl CacheWriter {
         let guard = self.guard.clone();
         let config = Arc::clone(&self.config);
         let config = &*config;
-        self.retrying(writes.len(), shutdown, gate, |mut conn| {
+        let rejected_after = self.rejected_after;
+        self.retrying(writes.len(), shutdown, gate, rejected_after, |mut conn| {
             let guard = guard.clone();
             async move {
                 let outcomes = guard.apply_batch(&mut conn, writes).await?;
@@ -171,29 +186,36 @@ impl CacheWriter {
         let cluster = self.conn.is_cluster();
         let config = Arc::clone(&self.config);
         let config = &*config;
-        self.retrying(pipe.len(), shutdown, gate, |mut conn| async move {
-            if !cluster {
-                pipe.query_async::<()>(&mut conn).await?;
-                return replicated(&mut conn, config).await;
-            }
-            let nodes = conn.slot_nodes().await;
-            let parts = split_by_slot(pipe, |slot| {
-                nodes.as_ref().map_or(slot, |nodes| nodes.node_of(slot))
-            });
-            futures::future::try_join_all(parts.iter().map(|(slot, part)| {
-                let conn = conn.clone();
-                let routed = nodes.is_some();
-                async move {
-                    if routed {
-                        part.query_async::<()>(&mut conn.on_node(*slot)).await
-                    } else {
-                        part.query_async::<()>(&mut conn.clone()).await
-                    }
+        let rejected_after = self.rejected_after;
+        self.retrying(
+            pipe.len(),
+            shutdown,
+            gate,
+            rejected_after,
+            |mut conn| async move {
+                if !cluster {
+                    pipe.query_async::<()>(&mut conn).await?;
+                    return replicated(&mut conn, config).await;
                 }
-            }))
-            .await?;
-            replicated(&mut conn, config).await
-        })
+                let nodes = conn.slot_nodes().await;
+                let parts = split_by_slot(pipe, |slot| {
+                    nodes.as_ref().map_or(slot, |nodes| nodes.node_of(slot))
+                });
+                futures::future::try_join_all(parts.iter().map(|(slot, part)| {
+                    let conn = conn.clone();
+                    let routed = nodes.is_some();
+                    async move {
+                        if routed {
+                            part.query_async::<()>(&mut conn.on_node(*slot)).await
+                        } else {
+                            part.query_async::<()>(&mut conn.clone()).await
+                        }
+                    }
+                }))
+                .await?;
+                replicated(&mut conn, config).await
+            },
+        )
         .await
     }
 
@@ -204,7 +226,7 @@ impl CacheWriter {
         keys: &[&str],
         shutdown: &Shutdown,
     ) -> Option<Vec<Option<Vec<u8>>>> {
-        self.retrying(keys.len(), shutdown, &Open, |mut conn| async move {
+        self.retrying(keys.len(), shutdown, &Open, None, |mut conn| async move {
             redis::cmd("MGET")
                 .arg(keys)
                 .query_async(&mut conn)
@@ -273,6 +295,7 @@ impl CacheWriter {
         size: usize,
         shutdown: &Shutdown,
         gate: &G,
+        rejected_after: Option<u32>,
         mut attempt: F,
     ) -> Result<T, Stopped>
     where
@@ -281,6 +304,7 @@ impl CacheWriter {
         G: AttemptGate,
     {
         let mut delays = crate::retry::reconnect_backoff().build();
+        let mut rejected = 0;
         loop {
             let Some(permit) = gate.enter() else {
                 return Err(Stopped::Refused);
@@ -295,14 +319,20 @@ impl CacheWriter {
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
-                    self.status.set_up(false);
-                    if e.is_transient() {
+                    let transient = e.is_transient();
+                    if transient {
+                        self.status.set_up(false);
                         self.after_transient_failure().await;
+                    } else {
+                        rejected += 1;
+                        if rejected_after.is_some_and(|limit| rejected >= limit) {
+                            return Err(Stopped::Rejected(e));
+                        }
                     }
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(
                         error = %e,
-                        transient = e.is_transient(),
+                        transient,
                         batch = size,
                         retry_in_ms = delay.as_millis() as u64,
                         "Cache write failed; retrying the batch."

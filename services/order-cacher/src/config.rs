@@ -72,6 +72,11 @@ pub struct ConsumerConfig {
     /// partition revoke and on shutdown.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// Attempts of a write that Redis refuses for a reason of its own (a corrupt stored
+    /// version of its key, say), not an outage, before its message is dead-lettered with
+    /// reason `write_refused`. Outages are waited out however long they last.
+    #[serde(default = "default_write_attempts")]
+    pub write_attempts: u32,
 }
 
 impl Default for ConsumerConfig {
@@ -83,6 +88,7 @@ impl Default for ConsumerConfig {
             batches_in_flight: default_batches_in_flight(),
             max_message_bytes: default_max_message_bytes(),
             commit_interval_ms: default_commit_interval_ms(),
+            write_attempts: default_write_attempts(),
         }
     }
 }
@@ -116,6 +122,10 @@ fn default_max_message_bytes() -> usize {
 
 fn default_commit_interval_ms() -> u64 {
     1000
+}
+
+fn default_write_attempts() -> u32 {
+    3
 }
 
 /// One topic and how its messages become cache entries.
@@ -248,6 +258,12 @@ impl Validate for OrderCacherConfig {
                 "must be positive",
             ));
         }
+        if consumer.write_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "consumer.write_attempts",
+                "must be positive",
+            ));
+        }
         if self.topics.is_empty() {
             return Err(ConfigError::invalid("topics", "name at least one topic"));
         }
@@ -349,5 +365,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("consumer.batches_in_flight"), "{error}");
+    }
+
+    #[test]
+    fn write_attempts_default_to_three_and_must_be_positive() {
+        assert_eq!(load_env(&[]).unwrap().consumer.write_attempts, 3);
+        let error = load_env(&[("ORDER_CACHER__CONSUMER__WRITE_ATTEMPTS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("consumer.write_attempts"), "{error}");
     }
 }

@@ -31,7 +31,39 @@ pub struct DeadLetter {
     /// Its headers, which the dead letter keeps.
     pub headers: Option<OwnedHeaders>,
     /// Why it was refused.
-    pub error: PayloadError,
+    pub error: Refusal,
+}
+
+/// Why a message went to a dead-letter topic.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The message cannot be used (not JSON, a field missing, too big, ...).
+    Payload(PayloadError),
+    /// Redis refused its write, again and again, for a reason of the write's own (such as a
+    /// corrupt stored version of its key), not an outage.
+    Write(String),
+}
+
+impl Refusal {
+    /// Reasons that are not payload errors.
+    pub const WRITE_REASONS: [&'static str; 1] = ["write_refused"];
+
+    /// The low-cardinality reason, for headers and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Payload(e) => e.reason(),
+            Refusal::Write(_) => Self::WRITE_REASONS[0],
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Payload(e) => e.fmt(f),
+            Refusal::Write(e) => write!(f, "Redis refused the write: {e}"),
+        }
+    }
 }
 
 impl DeadLetter {

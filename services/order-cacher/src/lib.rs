@@ -81,7 +81,8 @@ pub async fn run(config: OrderCacherConfig, shutdown: Shutdown) -> Result<(), Er
         pipeline_metrics.writer.clone(),
         &shutdown,
     )
-    .await;
+    .await
+    .map(|cache| cache.with_rejected_after(config.consumer.write_attempts));
     if let Some(cache) = cache {
         pipeline::run(
             &config,

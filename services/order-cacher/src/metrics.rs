@@ -1,5 +1,6 @@
 //! order-cacher's own metrics, registered once where the pipeline is built.
 
+use crate::dead_letter::Refusal;
 use fleet::cache_writer::CacheWriterMetrics;
 use fleet::envelope::PayloadError;
 use fleet::observability::{MetricError, Metrics};
@@ -14,7 +15,7 @@ pub struct PipelineMetrics {
     duplicate: IntCounter,
     skipped_origin: IntCounter,
     dead_lettered: IntCounter,
-    /// Dead letters by reason (`PayloadError::reason`).
+    /// Dead letters by reason (`Refusal::reason`).
     pub dead_letters: IntCounterVec,
     /// Messages per Redis pipeline.
     pub batch_size: Histogram,
@@ -49,7 +50,7 @@ impl PipelineMetrics {
             &["result"],
         )?;
         // Present from the start at zero, so that `rate()` and alerts see the first one.
-        for reason in PayloadError::REASONS {
+        for reason in PayloadError::REASONS.iter().chain(&Refusal::WRITE_REASONS) {
             dead_letters.with_label_values(&[reason]);
         }
         for result in ["ok", "error"] {

@@ -34,7 +34,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::OrderCacherConfig;
 use crate::context::OrderContext;
-use crate::dead_letter::{DeadLetter, DeadLetterProducer};
+use crate::dead_letter::{DeadLetter, DeadLetterProducer, Refusal};
 use crate::decode::{BatchArena, Decoded, Incoming, IndexEntry, TopicRules};
 use crate::metrics::PipelineMetrics;
 use crate::ownership::{Attempt, Ownership, TaggedPartition};
@@ -77,6 +77,10 @@ pub struct Batch {
     writes: Vec<fleet::version_guard::CacheWrite>,
     /// The slot of each write's message.
     write_slots: Vec<usize>,
+    /// The offset of each write's message, for its dead letter should Redis refuse it.
+    write_offsets: Vec<i64>,
+    /// Writes Redis refused, whose messages were dead-lettered instead.
+    rejected: Vec<usize>,
     /// Kafka timestamp of each write, for the event-to-cache lag.
     timestamps_ms: Vec<Option<i64>>,
     /// Index entries and the write each belongs to.
@@ -113,6 +117,8 @@ impl Batch {
         Self {
             writes: Vec::with_capacity(capacity),
             write_slots: Vec::with_capacity(capacity),
+            write_offsets: Vec::with_capacity(capacity),
+            rejected: Vec::new(),
             timestamps_ms: Vec::with_capacity(capacity),
             indexes: Vec::new(),
             index_deletes: Vec::new(),
@@ -174,17 +180,21 @@ impl Batch {
         }
         self.slots = kept_slots;
         let mut new_position = Vec::with_capacity(self.writes.len());
-        let (writes, slots, timestamps) = (
+        let (writes, slots, offsets, timestamps) = (
             std::mem::take(&mut self.writes),
             std::mem::take(&mut self.write_slots),
+            std::mem::take(&mut self.write_offsets),
             std::mem::take(&mut self.timestamps_ms),
         );
-        for ((write, slot), timestamp) in writes.into_iter().zip(slots).zip(timestamps) {
+        for (((write, slot), offset), timestamp) in
+            writes.into_iter().zip(slots).zip(offsets).zip(timestamps)
+        {
             match renumbered[slot] {
                 Some(slot) => {
                     new_position.push(Some(self.writes.len()));
                     self.writes.push(write);
                     self.write_slots.push(slot);
+                    self.write_offsets.push(offset);
                     self.timestamps_ms.push(timestamp);
                 }
                 None => new_position.push(None),
@@ -535,6 +545,74 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How [`write_one_by_one`] ended.
+enum OneByOne {
+    /// Every write was tried: the outcomes (a refused write counts as stale, which adds no
+    /// index entry), and the dead letters of the refused writes' messages.
+    Written(Vec<WriteOutcome>, Vec<DeadLetter>),
+    Shutdown,
+    /// A partition of the batch was revoked meanwhile: start again with what is left.
+    Refused,
+}
+
+/// Writes a batch one write at a time, in order, and turns each write Redis refuses into a
+/// dead letter of its message, marked in `batch.rejected`.
+async fn write_one_by_one(
+    cache: &mut CacheWriter,
+    batch: &mut Batch,
+    rules: &[TopicRules],
+    ownership: &Ownership,
+    shutdown: &Shutdown,
+) -> OneByOne {
+    let gate = OwnedSlots {
+        ownership,
+        slots: &batch.slots,
+    };
+    let mut outcomes = Vec::with_capacity(batch.writes.len());
+    let mut letters = Vec::new();
+    let mut rejected = Vec::new();
+    for (at, write) in batch.writes.iter().enumerate() {
+        match cache
+            .write_gated(std::slice::from_ref(write), shutdown, &gate)
+            .await
+        {
+            Ok(outcome) => outcomes.push(outcome.first().copied().unwrap_or(WriteOutcome::Stale)),
+            Err(Stopped::Shutdown) => return OneByOne::Shutdown,
+            Err(Stopped::Refused) => return OneByOne::Refused,
+            Err(Stopped::Rejected(e)) => {
+                let slot = &batch.slots[batch.write_slots[at]];
+                let offset = batch.write_offsets[at];
+                let topic_rules = &rules[slot.topic];
+                tracing::warn!(
+                    topic = %slot.topic_name,
+                    partition = slot.partition,
+                    offset,
+                    error = %e,
+                    dead_letter_topic = %topic_rules.dead_letter_topic,
+                    "Redis refused a write; its message is dead-lettered."
+                );
+                letters.push(DeadLetter {
+                    topic: topic_rules.dead_letter_topic.clone(),
+                    source_topic: slot.topic_name.to_string(),
+                    partition: slot.partition,
+                    offset,
+                    key: None,
+                    payload: match &write.change {
+                        Change::Upsert(value) => Some(value.to_vec()),
+                        Change::Delete => None,
+                    },
+                    headers: None,
+                    error: Refusal::Write(e.to_string()),
+                });
+                rejected.push(at);
+                outcomes.push(WriteOutcome::Stale);
+            }
+        }
+    }
+    batch.rejected = rejected;
+    OneByOne::Written(outcomes, letters)
+}
+
 /// Decodes messages into the batch being built, and pauses the consumer when asked.
 struct Reader<'a> {
     consumer: &'a OrderConsumer,
@@ -584,6 +662,7 @@ impl Reader<'_> {
                 }
                 batch.writes.push(write);
                 batch.write_slots.push(slot);
+                batch.write_offsets.push(message.offset());
                 batch.timestamps_ms.push(timestamp_ms);
                 batch
                     .indexes
@@ -608,7 +687,7 @@ impl Reader<'_> {
                     key: message.key().map(<[u8]>::to_vec),
                     payload: message.payload().map(<[u8]>::to_vec),
                     headers: message.headers().map(|h| h.detach()),
-                    error,
+                    error: Refusal::Payload(error),
                 });
             }
         }
@@ -783,6 +862,7 @@ impl BatchWriter {
         let mut cache = self.cache.clone();
         let rules = Arc::clone(&self.rules);
         let ownership = Arc::clone(self.consumer.context().ownership());
+        let dead_letters = self.dead_letters.clone();
         async move {
             loop {
                 let dropped = batch.drop_slots(&ownership.lost(&batch.slots));
@@ -807,6 +887,22 @@ impl BatchWriter {
                     Ok(outcomes) => return (batch, Some((outcomes, removals))),
                     Err(Stopped::Shutdown) => return (batch, None),
                     Err(Stopped::Refused) => continue,
+                    Err(Stopped::Rejected(_)) => {}
+                }
+                // Redis refuses the batch for a reason of one of its writes: written one by
+                // one, in order, the others go through and the refused ones are
+                // dead-lettered, so one write cannot stall its partition.
+                match write_one_by_one(&mut cache, &mut batch, &rules, &ownership, &shutdown).await
+                {
+                    OneByOne::Written(outcomes, letters) => {
+                        if !dead_letters.send_all(&letters, &shutdown).await {
+                            return (batch, None);
+                        }
+                        batch.dead_letters.extend(letters);
+                        return (batch, Some((outcomes, removals)));
+                    }
+                    OneByOne::Shutdown => return (batch, None),
+                    OneByOne::Refused => continue,
                 }
             }
         }
@@ -846,6 +942,16 @@ impl BatchWriter {
                     Ok(()) => break,
                     Err(Stopped::Shutdown) => return false,
                     Err(Stopped::Refused) => continue,
+                    Err(Stopped::Rejected(e)) => {
+                        // A key of the indexes holds another type, say: the entries are
+                        // written, and their partition goes on without these index updates.
+                        tracing::error!(
+                            error = %e,
+                            messages = batch.messages,
+                            "Redis refused a batch's index updates; the cache entries are written, these index updates are not."
+                        );
+                        break;
+                    }
                 }
             }
         }
@@ -857,7 +963,10 @@ impl BatchWriter {
             outcomes
                 .iter()
                 .copied()
-                .zip(batch.timestamps_ms.iter().copied()),
+                .zip(batch.timestamps_ms.iter().copied())
+                .enumerate()
+                .filter(|(at, _)| !batch.rejected.contains(at))
+                .map(|(_, written)| written),
             now_ms,
         );
         self.metrics.count_skipped(batch.skipped);

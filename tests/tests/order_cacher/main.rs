@@ -826,3 +826,61 @@ async fn redis_out_of_memory_is_waited_out_as_not_ready_and_loses_nothing() -> R
     service.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_redis_refuses_is_dead_lettered_and_its_partition_flows_on() -> Result<()> {
+    let scenario = Scenario::new("refused", 1).await?;
+    // A corrupt stored version of order 3's key: Redis refuses every write of it, which
+    // no retry can help (unlike an outage).
+    let mut conn = redis().await?;
+    let _: () = conn
+        .set(
+            fleet::version_guard::version_key(&scenario.key(3)),
+            "not a version",
+        )
+        .await?;
+    let records: Vec<Record> = (0..10).map(|i| Record::value(order(i, 1))).collect();
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    for i in (0..10).filter(|&i| i != 3) {
+        let value: Option<String> = conn.get(scenario.key(i)).await?;
+        ensure!(
+            value.is_some(),
+            "order {i}, beside the refused one, is written"
+        );
+    }
+    let refused: Option<String> = conn.get(scenario.key(3)).await?;
+    ensure!(refused.is_none(), "the refused write wrote nothing");
+    let dlq = format!("{}.dlq", scenario.topic);
+    let letters = kafka::read(&dlq, 1, Duration::from_secs(30)).await?;
+    let letter = &letters[0];
+    ensure!(kafka::header(letter, "x-error-reason").as_deref() == Some("write_refused"));
+    ensure!(
+        kafka::header(letter, "x-error").is_some_and(|e| e.contains("malformed version state")),
+        "{:?}",
+        kafka::header(letter, "x-error")
+    );
+    ensure!(kafka::header(letter, "x-original-offset").as_deref() == Some("3"));
+    ensure!(
+        letter.payload() == Some(&order(3, 1)[..]),
+        "the message is kept"
+    );
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_dead_letters_total{reason=\"write_refused\"}"
+        )
+        .await?
+            == 1.0
+    );
+    ensure!(sample(&service, "order_cacher_messages_total{outcome=\"applied\"}").await? == 9.0);
+    service.stop().await?;
+    ensure!(
+        kafka::committed_total(&scenario.group, &scenario.topic, 1).await? == records.len() as i64,
+        "the partition's offset went past the refused message"
+    );
+    Ok(())
+}
