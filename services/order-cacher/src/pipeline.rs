@@ -558,7 +558,7 @@ enum OneByOne {
 /// Writes a batch one write at a time, in order, and turns each write Redis refuses into a
 /// dead letter of its message, marked in `batch.rejected`.
 async fn write_one_by_one(
-    cache: &mut CacheWriter,
+    cache: &CacheWriter,
     batch: &mut Batch,
     rules: &[TopicRules],
     ownership: &Ownership,
@@ -568,6 +568,8 @@ async fn write_one_by_one(
         ownership,
         slots: &batch.slots,
     };
+    // The batch was refused its attempts already: a write refused alone is refused for good.
+    let mut cache = cache.clone().with_rejected_after(1);
     let mut outcomes = Vec::with_capacity(batch.writes.len());
     let mut letters = Vec::new();
     let mut rejected = Vec::new();
@@ -892,8 +894,7 @@ impl BatchWriter {
                 // Redis refuses the batch for a reason of one of its writes: written one by
                 // one, in order, the others go through and the refused ones are
                 // dead-lettered, so one write cannot stall its partition.
-                match write_one_by_one(&mut cache, &mut batch, &rules, &ownership, &shutdown).await
-                {
+                match write_one_by_one(&cache, &mut batch, &rules, &ownership, &shutdown).await {
                     OneByOne::Written(outcomes, letters) => {
                         if !dead_letters.send_all(&letters, &shutdown).await {
                             return (batch, None);
