@@ -1098,3 +1098,62 @@ async fn redis_refusing_every_write_after_a_failed_snapshot_is_waited_out_not_de
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_nothing(
+) -> Result<()> {
+    // Two replicas each, so a promoted replica still has one to confirm writes.
+    let mut cluster = fleet_tests::private_redis::PrivateCluster::start_with_replicas(2).await?;
+    let s = Scenario::new("cu-cluster-failover");
+    let seed = cluster.nodes[0].url.clone();
+    let mut service = s
+        .service("batch_size = 50")
+        .on_cluster(&cluster)
+        .env("CACHE_UPDATER__REDIS__WAIT_REPLICAS", "1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = shuffled_upserts(&s, 300, 6_000);
+    let (before, after) = messages.split_at(3_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", before)
+        .await?;
+    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
+
+    // The master the service was pointed at dies; until its replica has taken over, writes
+    // to its slots fail, and they are waited out rather than sent round the queue.
+    let killed = cluster.kill_a_master().await?;
+    ensure!(killed == seed, "the seed {seed} is a master");
+    publisher
+        .publish(&s.exchange, "cache.update", after)
+        .await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let wrong = wrong_versions_on(&mut cluster.client().await?, &highest).await?;
+        if wrong.is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "after {killed} was killed, {} keys not at their highest version: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let dead = service
+        .metric_sum("cache_updater_dead_letters_total")
+        .await?;
+    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    // Waited out where they were, not sent round the queue towards the DLQ.
+    let retried = sample(
+        &service,
+        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
+    )
+    .await?;
+    ensure!(retried == 0.0, "{retried} messages put back on the queue");
+    service.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}
