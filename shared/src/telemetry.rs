@@ -1,6 +1,9 @@
 //! Structured logging through `tracing`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber};
@@ -16,6 +19,13 @@ use crate::config::LogFormat;
 /// alert on ERROR lines does not page for an outage that heals. (librdkafka's reports go
 /// through `crate::kafka::FleetClientContext` instead.)
 const RECOVERED_BY_THE_SERVICE: [&str; 1] = ["lapin"];
+
+/// Libraries that log every attempt of a reconnect loop: redis-rs's cluster client logs each
+/// node it fails to reach, each time a request finds the cluster gone, dozens of lines a second
+/// through a whole-cluster outage. The services log the outage themselves (each failed write,
+/// and `/readyz`), so each of these sites logs at most once per [`THROTTLE_WINDOW`].
+const THROTTLED: [&str; 1] = ["redis::cluster_handling"];
+const THROTTLE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Installs the global subscriber: JSON or text lines on stderr, filtered by `RUST_LOG`
 /// (default `info`). Calling it twice is harmless, which keeps in-process tests simple.
@@ -43,10 +53,45 @@ fn subscriber(format: LogFormat, filter: EnvFilter) -> impl Subscriber + Send + 
             .with_ansi(ansi)
             .boxed(),
     };
+    let throttle = Throttle::default();
     tracing_subscriber::registry()
         .with(filter)
-        .with(output.with_filter(filter_fn(|metadata| !is_recovered_error(metadata))))
+        .with(
+            output
+                .with_filter(filter_fn(|metadata| !is_recovered_error(metadata)))
+                .with_filter(filter_fn(move |metadata| {
+                    throttle.admit(metadata.target(), metadata.line(), Instant::now())
+                })),
+        )
         .with(ErrorsAsWarnings)
+}
+
+/// When each throttled log site last logged, by target and line.
+#[derive(Default)]
+struct Throttle {
+    last: Mutex<HashMap<(String, Option<u32>), Instant>>,
+}
+
+impl Throttle {
+    /// Whether an event of this site may be logged `now`: always, unless the site is
+    /// throttled and logged less than [`THROTTLE_WINDOW`] ago.
+    fn admit(&self, target: &str, line: Option<u32>, now: Instant) -> bool {
+        if !THROTTLED.iter().any(|prefix| target.starts_with(prefix)) {
+            return true;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get_mut(&(target.to_owned(), line)) {
+            Some(at) if now.duration_since(*at) < THROTTLE_WINDOW => false,
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None => {
+                last.insert((target.to_owned(), line), now);
+                true
+            }
+        }
+    }
 }
 
 fn is_recovered_error(metadata: &Metadata<'_>) -> bool {
@@ -117,6 +162,22 @@ impl Visit for FieldText {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_site_logs_once_per_window_and_others_always() {
+        let throttle = Throttle::default();
+        let start = Instant::now();
+        let site = "redis::cluster_handling::async_connection";
+        assert!(throttle.admit(site, Some(1871), start));
+        assert!(!throttle.admit(site, Some(1871), start + Duration::from_secs(1)));
+        // Another line of the same module is a site of its own.
+        assert!(throttle.admit(site, Some(1482), start + Duration::from_secs(1)));
+        assert!(throttle.admit(site, Some(1871), start + THROTTLE_WINDOW));
+        for _ in 0..3 {
+            assert!(throttle.admit("redis::aio::connection_manager", Some(1), start));
+            assert!(throttle.admit("order_cacher::pipeline", Some(1), start));
+        }
+    }
 
     #[test]
     fn only_errors_of_the_listed_libraries_are_recovered() {
