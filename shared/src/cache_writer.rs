@@ -238,8 +238,9 @@ impl CacheWriter {
     }
 
     /// Writes one batch once, for callers that decide themselves what to retry, such as
-    /// giving up on writes Redis refuses while waiting out an outage. Redis is marked down
-    /// only when the failure is transient (unreachable or overloaded).
+    /// giving up on writes Redis refuses while waiting out an outage. The writes' readiness
+    /// switch goes down unless the failure is a refusal of this write's own
+    /// ([`GuardError::refuses_this_write`]).
     pub async fn try_write(
         &mut self,
         writes: &[CacheWrite],
@@ -255,13 +256,22 @@ impl CacheWriter {
             Ok(_) => self.record_success(started),
             Err(e) => {
                 self.metrics.failures.inc();
-                if e.is_transient() {
-                    self.status.set_up(false);
-                    self.after_transient_failure().await;
-                }
+                self.after_failure(e).await;
             }
         }
         result
+    }
+
+    /// A failure that is not this write's own (an outage, or a refusal every write meets)
+    /// makes the service not ready until a write succeeds.
+    async fn after_failure(&mut self, e: &GuardError) {
+        if e.refuses_this_write() {
+            return;
+        }
+        self.status.set_up(false);
+        if e.is_transient() {
+            self.after_transient_failure().await;
+        }
     }
 
     fn record_success(&mut self, started: Instant) {
@@ -319,11 +329,8 @@ impl CacheWriter {
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
-                    let transient = e.is_transient();
-                    if transient {
-                        self.status.set_up(false);
-                        self.after_transient_failure().await;
-                    } else {
+                    self.after_failure(&e).await;
+                    if e.refuses_this_write() {
                         rejected += 1;
                         if rejected_after.is_some_and(|limit| rejected >= limit) {
                             return Err(Stopped::Rejected(e));
@@ -332,7 +339,7 @@ impl CacheWriter {
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(
                         error = %e,
-                        transient,
+                        transient = e.is_transient(),
                         batch = size,
                         retry_in_ms = delay.as_millis() as u64,
                         "Cache write failed; retrying the batch."

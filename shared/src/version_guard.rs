@@ -276,6 +276,29 @@ impl GuardError {
     }
 }
 
+impl GuardError {
+    /// Whether Redis refused this write for a reason of the write's own, which no retry
+    /// helps and which other writes do not share: a corrupt stored version of its key, or an
+    /// ACL that denies its key. Writes that fail this way are given up (dead-lettered) after a
+    /// few attempts. Every other failure (an outage, and refusals that meet every write
+    /// alike, such as an ACL denying the guard's commands or a version bucket of the wrong
+    /// type) is waited out, with the service not ready.
+    pub fn refuses_this_write(&self) -> bool {
+        let GuardError::Redis(e) = self else {
+            return false;
+        };
+        let text = e.to_string();
+        text.contains(MALFORMED_STATE)
+            || (server_error_codes(e).iter().any(|code| code == "NOPERM")
+                && text.contains("access")
+                && text.contains("key"))
+    }
+}
+
+/// How the check script names a write whose stored version it cannot read
+/// (`version_guard.lua`).
+const MALFORMED_STATE: &str = "malformed version state of ";
+
 /// The codes of the server errors in `e`, including those inside a failed pipeline or an
 /// aborted transaction.
 fn server_error_codes(e: &RedisError) -> Vec<String> {
@@ -865,6 +888,28 @@ mod tests {
             b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
         ] {
             assert!(!server_error(reply).is_transient(), "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_corrupt_version_or_a_denied_key_refuses_the_write_itself() {
+        for reply in [
+            &b"-ERR version guard refused the batch: malformed version state of order:1\r\n"[..],
+            b"-NOPERM this user has no permissions to access one of the keys used as arguments\r\n",
+            b"-NOPERM No permissions to access a key\r\n",
+        ] {
+            let error = server_error(reply);
+            assert!(error.refuses_this_write(), "{reply:?}");
+            assert!(!error.is_transient(), "{reply:?}");
+        }
+        for reply in [
+            &b"-NOPERM this user has no permissions to run the 'evalsha' command\r\n"[..],
+            b"-NOPERM this user has no permissions to run the 'keys' command\r\n",
+            b"-ERR version guard refused the batch: __vb:{0}: WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            b"-ERR unknown command 'EVALSHA'\r\n",
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        ] {
+            assert!(!server_error(reply).refuses_this_write(), "{reply:?}");
         }
     }
 

@@ -208,7 +208,9 @@ impl ShardWriter {
                 Err(e) => e,
             };
             let transient = error.is_transient();
-            if !transient {
+            // Only a refusal of this write's own is given up on; an outage, or a refusal that
+            // every write meets (an ACL denying a command, say), is waited out.
+            if error.refuses_this_write() {
                 refused += 1;
                 if refused >= self.settings.write_attempts {
                     return Err(NotWritten::Refused(error));

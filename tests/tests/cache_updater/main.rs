@@ -1157,3 +1157,45 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_n
     s.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_acl_denying_the_guards_commands_is_waited_out_not_dead_lettered() -> Result<()> {
+    let s = Scenario::new("cu-acl");
+    let user = fleet_tests::unique_name("cu-acl");
+    let password = fleet_tests::unique_name("pw");
+    // Every write the service makes is refused alike: a misconfigured server, not bad
+    // messages, so nothing may be dead-lettered.
+    let url = fleet_tests::redis_acl_user(&user, &password, &["eval", "evalsha"]).await?;
+    let mut service = s.service("").env("REDIS_URL", &url).spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 50, 200);
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &messages)
+        .await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (status, body) = service.get("/readyz").await?;
+    ensure!(
+        status == 503 && body.contains("redis_writes: down"),
+        "{status} {body}"
+    );
+    ensure!(
+        handled(&service).await? == 0.0,
+        "nothing handled while every write was refused"
+    );
+
+    // The operator grants the commands: the backlog drains.
+    fleet_tests::redis_acl_user(&user, &password, &[]).await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    wait_highest_versions(&highest).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    let dead = service
+        .metric_sum("cache_updater_dead_letters_total")
+        .await?;
+    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    service.stop().await?;
+    fleet_tests::delete_redis_acl_user(&user).await?;
+    s.cleanup().await;
+    Ok(())
+}

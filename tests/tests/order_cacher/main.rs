@@ -884,3 +884,43 @@ async fn a_write_redis_refuses_is_dead_lettered_and_its_partition_flows_on() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_acl_denying_the_guards_commands_stalls_as_not_ready_rather_than_dead_letters(
+) -> Result<()> {
+    let scenario = Scenario::new("acl", PARTITIONS).await?;
+    let user = fleet_tests::unique_name("oc-acl");
+    let password = fleet_tests::unique_name("pw");
+    // Every write is refused alike: the server's configuration, not the messages, is wrong.
+    let url = fleet_tests::redis_acl_user(&user, &password, &["eval", "evalsha"]).await?;
+    let mut service = scenario.service("").env("REDIS_URL", &url).spawn()?;
+    service.wait_ready(READY).await?;
+    let (records, highest) = shuffled_orders(100, 1_000);
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (status, body) = service.get("/readyz").await?;
+    ensure!(
+        status == 503 && body.contains("redis_writes: down"),
+        "{status} {body}"
+    );
+    ensure!(
+        handled(&service).await? == 0.0,
+        "nothing handled while every write was refused"
+    );
+
+    fleet_tests::redis_acl_user(&user, &password, &[]).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    assert_highest_versions(&scenario, &highest).await?;
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
+        )
+        .await?
+            == 0.0,
+        "nothing dead-lettered"
+    );
+    service.stop().await?;
+    fleet_tests::delete_redis_acl_user(&user).await
+}
