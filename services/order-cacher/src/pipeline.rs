@@ -1040,6 +1040,7 @@ mod tests {
             let at = batch.writes.len();
             batch.writes.push(CacheWrite::delete(key, None));
             batch.write_slots.push(slot);
+            batch.write_offsets.push(offset);
             batch.timestamps_ms.push(Some(offset));
             batch.indexes.push((at, 0, entry(key)));
             batch.index_deletes.push((at, 0));
@@ -1055,6 +1056,7 @@ mod tests {
         assert_eq!(keys, ["a", "c"]);
         assert_eq!(batch.write_slots, [0, 1]);
         assert_eq!(batch.timestamps_ms, [Some(10), Some(11)]);
+        assert_eq!(batch.write_offsets, [10, 11]);
         let indexed: Vec<(usize, &str)> = batch
             .indexes
             .iter()
