@@ -969,33 +969,10 @@ async fn a_whole_redis_cluster_going_away_dead_letters_nothing_and_resumes_when_
     cluster.start_all_again().await?;
 
     wait_queue_drained(&s.queue, &[&service]).await?;
-    let deadline = Instant::now() + DRAIN;
-    loop {
-        let wrong = wrong_versions_on(&mut cluster.client().await?, &highest).await?;
-        if wrong.is_empty() {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{} keys not at their highest version: {:?}",
-            wrong.len(),
-            &wrong[..wrong.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_highest_versions_on(&mut cluster.client().await?, &highest).await?;
     service.wait_ready(Duration::from_secs(30)).await?;
-    let dead = service
-        .metric_sum("cache_updater_dead_letters_total")
-        .await?;
-    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    assert_waited_out(&service).await?;
     ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
-    // Waited out where they were, not sent round the queue again towards the DLQ.
-    let retried = sample(
-        &service,
-        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
-    )
-    .await?;
-    ensure!(retried == 0.0, "{retried} messages put back on the queue");
     service.stop().await?;
     s.cleanup().await;
     Ok(())
@@ -1077,23 +1054,8 @@ async fn redis_refusing_every_write_after_a_failed_snapshot_is_waited_out_not_de
         .await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
     service.wait_ready(Duration::from_secs(30)).await?;
-    let wrong = wrong_versions_on(&mut conn, &highest).await?;
-    ensure!(
-        wrong.is_empty(),
-        "{} keys not at their highest version: {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(10)]
-    );
-    let dead = service
-        .metric_sum("cache_updater_dead_letters_total")
-        .await?;
-    ensure!(dead == 0.0, "{dead} messages dead-lettered");
-    let retried = sample(
-        &service,
-        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
-    )
-    .await?;
-    ensure!(retried == 0.0, "{retried} messages put back on the queue");
+    wait_highest_versions_on(&mut conn, &highest).await?;
+    assert_waited_out(&service).await?;
     service.stop().await?;
     s.cleanup().await;
     Ok(())
@@ -1128,31 +1090,8 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_n
         .publish(&s.exchange, "cache.update", after)
         .await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
-    let deadline = Instant::now() + DRAIN;
-    loop {
-        let wrong = wrong_versions_on(&mut cluster.client().await?, &highest).await?;
-        if wrong.is_empty() {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "after {killed} was killed, {} keys not at their highest version: {:?}",
-            wrong.len(),
-            &wrong[..wrong.len().min(10)]
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let dead = service
-        .metric_sum("cache_updater_dead_letters_total")
-        .await?;
-    ensure!(dead == 0.0, "{dead} messages dead-lettered");
-    // Waited out where they were, not sent round the queue towards the DLQ.
-    let retried = sample(
-        &service,
-        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
-    )
-    .await?;
-    ensure!(retried == 0.0, "{retried} messages put back on the queue");
+    wait_highest_versions_on(&mut cluster.client().await?, &highest).await?;
+    assert_waited_out(&service).await?;
     service.stop().await?;
     s.cleanup().await;
     Ok(())
@@ -1190,10 +1129,7 @@ async fn an_acl_denying_the_guards_commands_is_waited_out_not_dead_lettered() ->
     wait_queue_drained(&s.queue, &[&service]).await?;
     wait_highest_versions(&highest).await?;
     service.wait_ready(Duration::from_secs(30)).await?;
-    let dead = service
-        .metric_sum("cache_updater_dead_letters_total")
-        .await?;
-    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    assert_waited_out(&service).await?;
     service.stop().await?;
     fleet_tests::delete_redis_acl_user(&user).await?;
     s.cleanup().await;

@@ -184,9 +184,17 @@ pub async fn wrong_versions_on<C: redis::aio::ConnectionLike + Send + Sync>(
 
 /// Waits until every key holds its highest version.
 pub async fn wait_highest_versions(highest: &BTreeMap<String, u64>) -> Result<()> {
+    wait_highest_versions_on(&mut redis().await?, highest).await
+}
+
+/// [`wait_highest_versions`] through `conn`, such as a cluster client's.
+pub async fn wait_highest_versions_on<C: redis::aio::ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    highest: &BTreeMap<String, u64>,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + DRAIN;
     loop {
-        let wrong = wrong_versions(highest).await?;
+        let wrong = wrong_versions_on(conn, highest).await?;
         if wrong.is_empty() {
             return Ok(());
         }
@@ -227,4 +235,20 @@ pub async fn declare_topology(scenario: &Scenario) -> Result<()> {
     let mut service = scenario.service("").spawn()?;
     service.wait_ready(READY).await?;
     service.stop().await
+}
+
+/// Nothing was dead-lettered, and no upsert was put back on its queue (towards the DLQ): a
+/// failure was waited out where the messages were.
+pub async fn assert_waited_out(service: &Service) -> Result<()> {
+    let dead = service
+        .metric_sum("cache_updater_dead_letters_total")
+        .await?;
+    ensure!(dead == 0.0, "{dead} messages dead-lettered");
+    let retried = sample(
+        service,
+        r#"cache_updater_messages_total{op="upsert",outcome="retried"}"#,
+    )
+    .await?;
+    ensure!(retried == 0.0, "{retried} messages put back on the queue");
+    Ok(())
 }
