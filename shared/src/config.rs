@@ -512,12 +512,20 @@ pub struct GuardConfig {
     /// tombstones forever). Should exceed the longest a message can be late.
     #[serde(default = "default_tombstone_ttl_secs")]
     pub tombstone_ttl_secs: u64,
+    /// Every batch in the inline form (always so on a cluster): each script call writes only
+    /// what applies, so a stale or duplicate write leaves no trace at all: no keyspace events,
+    /// no client-side-caching invalidations, no aborted `WATCH`. Off, large batches on one
+    /// server go as a transaction that writes every value and puts back the refused ones,
+    /// which costs Redis less (see docs/version-guard.md).
+    #[serde(default)]
+    pub inline_values: bool,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
         Self {
             tombstone_ttl_secs: default_tombstone_ttl_secs(),
+            inline_values: false,
         }
     }
 }
@@ -538,6 +546,7 @@ impl GuardConfig {
         crate::version_guard::VersionGuard::new(self.tombstone_ttl())
             .with_entries_per_call(entries_per_call)
             .with_cluster_slots(redis.cluster)
+            .with_inline_values(redis.cluster || self.inline_values)
             .with_inline_below(crate::version_guard::INLINE_BELOW)
     }
 }
@@ -793,5 +802,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn inline_values_is_off_by_default_and_always_on_for_a_cluster() {
+        let guard = |inline_values: bool, cluster: bool| {
+            let config = GuardConfig {
+                inline_values,
+                ..GuardConfig::default()
+            };
+            let redis = RedisConfig {
+                cluster,
+                ..RedisConfig::default()
+            };
+            format!("{:?}", config.version_guard(500, &redis))
+        };
+        assert!(guard(false, false).contains("inline_values: false"));
+        assert!(guard(true, false).contains("inline_values: true"));
+        assert!(guard(false, true).contains("inline_values: true"));
+        assert!(!GuardConfig::default().inline_values);
     }
 }

@@ -833,3 +833,65 @@ async fn a_cluster_batch_goes_one_pipeline_per_node_and_follows_a_slot_that_move
     assert_eq!(now, target, "the slot moved");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_refused_write_leaves_no_trace_in_the_inline_form_and_does_in_the_transaction(
+) -> anyhow::Result<()> {
+    let prefix = unique_name("vg-trace");
+    let mut conn = redis().await?;
+    for inline in [false, true] {
+        let stale = format!("{prefix}:{inline}:stale");
+        let g = guard().with_inline_values(inline);
+        g.apply_batch(
+            &mut conn,
+            &[CacheWrite::upsert(
+                stale.as_str(),
+                "v5",
+                Some(Version::new(5)),
+            )],
+        )
+        .await?;
+        let mut events = redis::Client::open(fleet_tests::redis_url())?
+            .get_async_pubsub()
+            .await?;
+        events.psubscribe(format!("__keyspace@*__:{stale}")).await?;
+        // A batch large enough for the transaction form, with one stale write in it.
+        let mut batch: Vec<CacheWrite> = (0..40)
+            .map(|i| {
+                CacheWrite::upsert(
+                    format!("{prefix}:{inline}:{i}"),
+                    "v1",
+                    Some(Version::new(1)),
+                )
+            })
+            .collect();
+        batch.push(CacheWrite::upsert(
+            stale.as_str(),
+            "v4",
+            Some(Version::new(4)),
+        ));
+        let outcomes = g.apply_batch(&mut conn, &batch).await?;
+        assert_eq!(outcomes.last(), Some(&WriteOutcome::Stale));
+        assert_eq!(conn.get::<_, String>(&stale).await?, "v5");
+        let mut seen = Vec::new();
+        let mut stream = events.on_message();
+        while let Ok(Some(message)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            futures::StreamExt::next(&mut stream),
+        )
+        .await
+        {
+            seen.push(message.get_payload::<String>()?);
+        }
+        if inline {
+            assert!(
+                seen.is_empty(),
+                "inline, the stale write touched its key: {seen:?}"
+            );
+        } else {
+            // The documented side effect of the transaction form.
+            assert!(seen.iter().any(|event| event == "rename_from"), "{seen:?}");
+        }
+    }
+    Ok(())
+}
