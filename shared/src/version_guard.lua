@@ -30,10 +30,11 @@
 -- together with removing the field. Versions compare by length, then byte by byte: exact
 -- for the whole u64 range.
 
--- One plain upsert, inline: the call a Redis Cluster makes for most keys (one per hash slot).
--- The same decisions as the general path below, without its tables and passes, which cost
--- more than the write itself for a single entry.
-if #KEYS == 3 and #ARGV == 5 and ARGV[2] == 'u' then
+-- One upsert, inline: the call a Redis Cluster makes for most keys (one per hash slot). The
+-- same decisions and writes as the general path below, without its tables and passes, which
+-- cost more than the write itself for a single entry. ARGV: tombstone TTL, 'u' or 't', 1, the
+-- version, for 't' its TTL, then the value.
+if #KEYS == 3 and ((#ARGV == 5 and ARGV[2] == 'u') or (#ARGV == 6 and ARGV[2] == 't')) then
   local key, bucket, v = KEYS[1], KEYS[2], ARGV[4]
   local function refused(why)
     return redis.error_reply('ERR version guard refused the batch: ' .. why)
@@ -56,9 +57,24 @@ if #KEYS == 3 and #ARGV == 5 and ARGV[2] == 'u' then
     end
     return (v == cur) and 'D' or 'S'
   end
-  redis.call('HSET', bucket, key, v)
-  if cur and not in_field then redis.call('DEL', version_key) end
-  redis.call('SET', key, ARGV[5])
+  if ARGV[2] == 'u' then
+    -- The version goes to the bucket, and any version key goes away.
+    redis.call('HSET', bucket, key, v)
+    if cur and not in_field then redis.call('DEL', version_key) end
+    redis.call('SET', key, ARGV[5])
+  else
+    -- An expiring entry's version lives in its version key, outliving the value by the
+    -- tombstone TTL, and any bucket field goes away.
+    local ttl, tombstone_ttl = tonumber(ARGV[5]), tonumber(ARGV[1])
+    version_key = version_key or tagged('__ver:', key)
+    if in_field then redis.call('HDEL', bucket, key) end
+    if tombstone_ttl == 0 then
+      redis.call('SET', version_key, v)
+    else
+      redis.call('SET', version_key, v, 'PX', math.max(ttl, tombstone_ttl))
+    end
+    redis.call('SET', key, ARGV[6], 'PX', ttl)
+  end
   return ''
 end
 
