@@ -29,6 +29,13 @@ pub struct CacheWriter {
     rejected_after: Option<u32>,
 }
 
+/// Tells whether a failure is a refusal of the write's own ([`CacheWriter::with_rejected_after`]).
+type Refusal = fn(&GuardError) -> bool;
+
+fn refuses_this_index_update(e: &GuardError) -> bool {
+    e.refuses_this_write() || e.has_code("WRONGTYPE")
+}
+
 /// The name of the writer's readiness switch.
 pub const WRITES_READINESS: &str = "redis_writes";
 
@@ -150,7 +157,9 @@ impl CacheWriter {
         let guard = self.guard.clone();
         let config = Arc::clone(&self.config);
         let config = &*config;
-        let rejected_after = self.rejected_after;
+        let rejected_after = self
+            .rejected_after
+            .map(|limit| (limit, GuardError::refuses_this_write as Refusal));
         self.retrying(writes.len(), shutdown, gate, rejected_after, |mut conn| {
             let guard = guard.clone();
             async move {
@@ -186,7 +195,12 @@ impl CacheWriter {
         let cluster = self.conn.is_cluster();
         let config = Arc::clone(&self.config);
         let config = &*config;
-        let rejected_after = self.rejected_after;
+        // Unlike the guard's own bucket, an index key of another type is one entry's
+        // (its user's, say): the other commands of the pipeline ran, and only that one's
+        // update is given up.
+        let rejected_after = self
+            .rejected_after
+            .map(|limit| (limit, refuses_this_index_update as Refusal));
         self.retrying(
             pipe.len(),
             shutdown,
@@ -305,7 +319,7 @@ impl CacheWriter {
         size: usize,
         shutdown: &Shutdown,
         gate: &G,
-        rejected_after: Option<u32>,
+        rejected_after: Option<(u32, Refusal)>,
         mut attempt: F,
     ) -> Result<T, Stopped>
     where
@@ -329,12 +343,14 @@ impl CacheWriter {
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
-                    self.after_failure(&e).await;
-                    if e.refuses_this_write() {
-                        rejected += 1;
-                        if rejected_after.is_some_and(|limit| rejected >= limit) {
-                            return Err(Stopped::Rejected(e));
+                    match rejected_after {
+                        Some((limit, refuses_this_write)) if refuses_this_write(&e) => {
+                            rejected += 1;
+                            if rejected >= limit {
+                                return Err(Stopped::Rejected(e));
+                            }
                         }
+                        _ => self.after_failure(&e).await,
                     }
                     let delay = delays.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(

@@ -295,6 +295,14 @@ impl GuardError {
     }
 }
 
+impl GuardError {
+    /// Whether Redis answered with a server error of this code (`WRONGTYPE`, say), also
+    /// inside a failed pipeline or transaction.
+    pub fn has_code(&self, code: &str) -> bool {
+        matches!(self, GuardError::Redis(e) if server_error_codes(e).iter().any(|c| c == code))
+    }
+}
+
 /// How the check script names a write whose stored version it cannot read
 /// (`version_guard.lua`).
 const MALFORMED_STATE: &str = "malformed version state of ";

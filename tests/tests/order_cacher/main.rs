@@ -924,3 +924,41 @@ async fn an_acl_denying_the_guards_commands_stalls_as_not_ready_rather_than_dead
     service.stop().await?;
     fleet_tests::delete_redis_acl_user(&user).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_key_of_another_type_loses_only_its_own_entries() -> Result<()> {
+    let scenario = Scenario::new("index-wrongtype", 1).await?;
+    // user_5's index key already holds a string: Redis refuses every ZADD to it.
+    let mut conn = redis().await?;
+    let blocked = format!("{}:user:user_5:orders", scenario.prefix);
+    let _: () = conn.set(&blocked, "not a sorted set").await?;
+    let records: Vec<Record> = (0..20).map(|i| Record::value(order(i, 1))).collect();
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+    let mut service = scenario.service(&scenario.user_index(5)).spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    for i in 0..20 {
+        let value: Option<String> = conn.get(scenario.key(i)).await?;
+        ensure!(value.is_some(), "order {i} is written");
+    }
+    // Every other user's index holds its order; the blocked key is left as it was.
+    for i in (0..20).filter(|&i| i != 5) {
+        let index = format!("{}:user:user_{i}:orders", scenario.prefix);
+        let members: Vec<String> = conn.zrange(&index, 0, -1).await?;
+        ensure!(members == [scenario.key(i)], "user_{i}: {members:?}");
+    }
+    ensure!(conn.get::<_, String>(&blocked).await? == "not a sorted set");
+    ensure!(
+        service
+            .logs()
+            .contains("Redis refused a batch's index updates"),
+        "the refusal is logged"
+    );
+    service.stop().await?;
+    ensure!(
+        kafka::committed_total(&scenario.group, &scenario.topic, 1).await? == records.len() as i64,
+        "the partition went on"
+    );
+    Ok(())
+}
