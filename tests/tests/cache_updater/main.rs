@@ -961,7 +961,7 @@ async fn a_whole_redis_cluster_going_away_dead_letters_nothing_and_resumes_when_
         .publish(&s.exchange, "cache.update", after)
         .await?;
     service.wait_readyz(503, Duration::from_secs(20)).await?;
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_waited_out_through(&service, Duration::from_secs(15)).await?;
     ensure!(
         handled(&service).await? < messages.len() as f64,
         "nothing counted as written while the cluster was gone"
@@ -1113,7 +1113,7 @@ async fn an_acl_denying_the_guards_commands_is_waited_out_not_dead_lettered() ->
         .publish(&s.exchange, "cache.update", &messages)
         .await?;
     service.wait_readyz(503, Duration::from_secs(20)).await?;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_waited_out_through(&service, Duration::from_secs(8)).await?;
     let (status, body) = service.get("/readyz").await?;
     ensure!(
         status == 503 && body.contains("redis_writes: down"),

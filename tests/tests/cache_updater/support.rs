@@ -252,3 +252,14 @@ pub async fn assert_waited_out(service: &Service) -> Result<()> {
     ensure!(retried == 0.0, "{retried} messages put back on the queue");
     Ok(())
 }
+
+/// [`assert_waited_out`] checked every half second for `spell`: a failure that outlasts a
+/// delivery's write attempts is waited out the whole time. Fails as soon as it is not.
+pub async fn assert_waited_out_through(service: &Service, spell: Duration) -> Result<()> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < spell {
+        assert_waited_out(service).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_waited_out(service).await
+}
