@@ -215,14 +215,14 @@ impl CacheWriter {
                 let parts = split_by_slot(pipe, |slot| {
                     nodes.as_ref().map_or(slot, |nodes| nodes.node_of(slot))
                 });
+                let routed = nodes.is_some();
                 futures::future::try_join_all(parts.iter().map(|(slot, part)| {
-                    let conn = conn.clone();
-                    let routed = nodes.is_some();
+                    let mut conn = conn.clone();
                     async move {
                         if routed {
                             part.query_async::<()>(&mut conn.on_node(*slot)).await
                         } else {
-                            part.query_async::<()>(&mut conn.clone()).await
+                            part.query_async::<()>(&mut conn).await
                         }
                     }
                 }))
