@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use fleet::cache_writer::{AttemptGate, CacheWriter, Stopped};
 use fleet::observability::DependencyStatus;
 use fleet::version_guard::{Change, WriteOutcome};
@@ -79,6 +80,9 @@ pub struct Batch {
     write_slots: Vec<usize>,
     /// The offset of each write's message, for its dead letter should Redis refuse it.
     write_offsets: Vec<i64>,
+    /// A delete's Kafka key (which names what it deletes), for the same; `None` for upserts,
+    /// whose value says it all.
+    delete_keys: Vec<Option<Bytes>>,
     /// Writes Redis refused, whose messages were dead-lettered instead.
     rejected: Vec<usize>,
     /// Kafka timestamp of each write, for the event-to-cache lag.
@@ -118,6 +122,7 @@ impl Batch {
             writes: Vec::with_capacity(capacity),
             write_slots: Vec::with_capacity(capacity),
             write_offsets: Vec::with_capacity(capacity),
+            delete_keys: Vec::with_capacity(capacity),
             rejected: Vec::new(),
             timestamps_ms: Vec::with_capacity(capacity),
             indexes: Vec::new(),
@@ -180,14 +185,19 @@ impl Batch {
         }
         self.slots = kept_slots;
         let mut new_position = Vec::with_capacity(self.writes.len());
-        let (writes, slots, offsets, timestamps) = (
+        let (writes, slots, offsets, delete_keys, timestamps) = (
             std::mem::take(&mut self.writes),
             std::mem::take(&mut self.write_slots),
             std::mem::take(&mut self.write_offsets),
+            std::mem::take(&mut self.delete_keys),
             std::mem::take(&mut self.timestamps_ms),
         );
-        for (((write, slot), offset), timestamp) in
-            writes.into_iter().zip(slots).zip(offsets).zip(timestamps)
+        for ((((write, slot), offset), delete_key), timestamp) in writes
+            .into_iter()
+            .zip(slots)
+            .zip(offsets)
+            .zip(delete_keys)
+            .zip(timestamps)
         {
             match renumbered[slot] {
                 Some(slot) => {
@@ -195,6 +205,7 @@ impl Batch {
                     self.writes.push(write);
                     self.write_slots.push(slot);
                     self.write_offsets.push(offset);
+                    self.delete_keys.push(delete_key);
                     self.timestamps_ms.push(timestamp);
                 }
                 None => new_position.push(None),
@@ -598,7 +609,7 @@ async fn write_one_by_one(
                     source_topic: slot.topic_name.to_string(),
                     partition: slot.partition,
                     offset,
-                    key: None,
+                    key: batch.delete_keys[at].as_ref().map(|key| key.to_vec()),
                     payload: match &write.change {
                         Change::Upsert(value) => Some(value.to_vec()),
                         Change::Delete => None,
@@ -659,12 +670,18 @@ impl Reader<'_> {
         match rules.decode(&incoming, &mut self.arena) {
             Decoded::Write { write, indexes } => {
                 let at = batch.writes.len();
-                if write.change == Change::Delete && !rules.indexes.is_empty() {
+                let is_delete = write.change == Change::Delete;
+                if is_delete && !rules.indexes.is_empty() {
                     batch.index_deletes.push((at, index));
                 }
                 batch.writes.push(write);
                 batch.write_slots.push(slot);
                 batch.write_offsets.push(message.offset());
+                batch.delete_keys.push(if is_delete {
+                    message.key().map(|key| self.arena.copy(key))
+                } else {
+                    None
+                });
                 batch.timestamps_ms.push(timestamp_ms);
                 batch
                     .indexes
@@ -1041,6 +1058,7 @@ mod tests {
             batch.writes.push(CacheWrite::delete(key, None));
             batch.write_slots.push(slot);
             batch.write_offsets.push(offset);
+            batch.delete_keys.push(Some(Bytes::from(key)));
             batch.timestamps_ms.push(Some(offset));
             batch.indexes.push((at, 0, entry(key)));
             batch.index_deletes.push((at, 0));
@@ -1057,6 +1075,10 @@ mod tests {
         assert_eq!(batch.write_slots, [0, 1]);
         assert_eq!(batch.timestamps_ms, [Some(10), Some(11)]);
         assert_eq!(batch.write_offsets, [10, 11]);
+        assert_eq!(
+            batch.delete_keys,
+            [Some(Bytes::from("a")), Some(Bytes::from("c"))]
+        );
         let indexed: Vec<(usize, &str)> = batch
             .indexes
             .iter()
