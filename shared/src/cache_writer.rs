@@ -30,7 +30,7 @@ pub struct CacheWriter {
 }
 
 /// Tells whether a failure is a refusal of the write's own ([`CacheWriter::with_rejected_after`]).
-type Refusal = fn(&GuardError) -> bool;
+type OwnRefusal = fn(&GuardError) -> bool;
 
 fn refuses_this_index_update(e: &GuardError) -> bool {
     e.refuses_this_write() || e.has_code("WRONGTYPE")
@@ -159,7 +159,7 @@ impl CacheWriter {
         let config = &*config;
         let rejected_after = self
             .rejected_after
-            .map(|limit| (limit, GuardError::refuses_this_write as Refusal));
+            .map(|limit| (limit, GuardError::refuses_this_write as OwnRefusal));
         self.retrying(writes.len(), shutdown, gate, rejected_after, |mut conn| {
             let guard = guard.clone();
             async move {
@@ -200,7 +200,7 @@ impl CacheWriter {
         // update is given up.
         let rejected_after = self
             .rejected_after
-            .map(|limit| (limit, refuses_this_index_update as Refusal));
+            .map(|limit| (limit, refuses_this_index_update as OwnRefusal));
         self.retrying(
             pipe.len(),
             shutdown,
@@ -319,7 +319,7 @@ impl CacheWriter {
         size: usize,
         shutdown: &Shutdown,
         gate: &G,
-        rejected_after: Option<(u32, Refusal)>,
+        rejected_after: Option<(u32, OwnRefusal)>,
         mut attempt: F,
     ) -> Result<T, Stopped>
     where

@@ -156,8 +156,6 @@ pub trait SlotRouting: ConnectionLike + Clone + Send + Sync {
 }
 
 impl SlotRouting for MultiplexedConnection {}
-impl SlotRouting for ConnectionManager {}
-impl SlotRouting for ClusterConnection {}
 
 impl SlotRouting for RedisConnection {
     async fn slot_nodes(&mut self) -> Option<Arc<SlotNodes>> {
@@ -180,33 +178,23 @@ impl SlotRouting for RedisConnection {
     }
 
     fn on_node(&self, slot: u16) -> impl ConnectionLike + Send {
-        match self {
-            RedisConnection::Cluster(conn, topology) => Routed::Node {
-                conn: conn.clone(),
-                slot,
-                topology: topology.clone(),
-            },
-            RedisConnection::Server(conn) => Routed::AsIs(conn.clone()),
+        Routed {
+            conn: self.clone(),
+            slot,
         }
     }
 }
 
-/// [`RedisConnection::on_node`]'s connection.
-enum Routed {
-    AsIs(ConnectionManager),
-    Node {
-        conn: ClusterConnection,
-        slot: u16,
-        topology: Arc<Topology>,
-    },
+/// [`RedisConnection::on_node`]'s connection: pipelines to a cluster go to the node serving
+/// `slot`; everything else goes as the connection sends it.
+struct Routed {
+    conn: RedisConnection,
+    slot: u16,
 }
 
 impl ConnectionLike for Routed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Routed::AsIs(conn) => conn.req_packed_command(cmd),
-            Routed::Node { conn, .. } => conn.req_packed_command(cmd),
-        }
+        self.conn.req_packed_command(cmd)
     }
 
     fn req_packed_commands<'a>(
@@ -215,13 +203,10 @@ impl ConnectionLike for Routed {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let (conn, slot, topology) = match self {
-            Routed::AsIs(conn) => return conn.req_packed_commands(pipeline, offset, count),
-            Routed::Node {
-                conn,
-                slot,
-                topology,
-            } => (conn, *slot, topology),
+        let slot = self.slot;
+        let (conn, topology) = match &mut self.conn {
+            RedisConnection::Cluster(conn, topology) => (conn, topology),
+            server => return server.req_packed_commands(pipeline, offset, count),
         };
         Box::pin(async move {
             let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
@@ -242,7 +227,7 @@ impl ConnectionLike for Routed {
     }
 
     fn get_db(&self) -> i64 {
-        0
+        self.conn.get_db()
     }
 }
 

@@ -233,8 +233,8 @@ pub enum GuardError {
 }
 
 impl GuardError {
-    /// Whether the failure is Redis being unreachable or overloaded (retry later) rather than
-    /// a refusal of this particular write.
+    /// Whether the failure is Redis being unreachable, overloaded or between states (the
+    /// same write succeeds later, unchanged). See also [`GuardError::refuses_this_write`].
     pub fn is_transient(&self) -> bool {
         match self {
             GuardError::Redis(e) => {
@@ -274,9 +274,7 @@ impl GuardError {
             GuardError::NotReplicated { .. } => true,
         }
     }
-}
 
-impl GuardError {
     /// Whether Redis refused this write for a reason of the write's own, which no retry
     /// helps and which other writes do not share: a corrupt stored version of its key, or an
     /// ACL that denies its key. Writes that fail this way are given up (dead-lettered) after a
@@ -289,13 +287,9 @@ impl GuardError {
         };
         let text = e.to_string();
         text.contains(MALFORMED_STATE)
-            || (server_error_codes(e).iter().any(|code| code == "NOPERM")
-                && text.contains("access")
-                && text.contains("key"))
+            || (self.has_code("NOPERM") && text.contains("access") && text.contains("key"))
     }
-}
 
-impl GuardError {
     /// Whether Redis answered with a server error of this code (`WRONGTYPE`, say), also
     /// inside a failed pipeline or transaction.
     pub fn has_code(&self, code: &str) -> bool {
