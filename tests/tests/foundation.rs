@@ -365,3 +365,125 @@ async fn every_metric_the_alerting_rules_read_is_exported() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// `docker compose up` cannot run where the tests run (there is no container engine), so the
+/// deployment files are held to what the binaries accept: every service container runs a fleet
+/// binary the image holds, with an environment (the image's, then the compose file's) that the
+/// binary takes as a valid config pointing at the compose brokers; compose waits longer than
+/// the service's own grace period before it kills; and Prometheus scrapes every service on the
+/// port it serves metrics on.
+#[tokio::test]
+async fn the_compose_file_gives_every_service_a_config_it_accepts() -> anyhow::Result<()> {
+    use serde_yaml_ng::Value;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |path: &str| std::fs::read_to_string(root.join(path));
+    let mut compose: Value = serde_yaml_ng::from_str(&read("docker-compose.yml")?)?;
+    compose.apply_merge()?;
+    let prometheus: Value = serde_yaml_ng::from_str(&read("deploy/prometheus.yml")?)?;
+    let dockerfile = read("deploy/Dockerfile")?;
+
+    let image_env: Vec<(String, String)> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("ENV "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect();
+    assert!(!image_env.is_empty(), "no ENV line in deploy/Dockerfile");
+    let scrape = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
+    let scrape_port = scrape["port"].as_u64().expect("a scrape port");
+    let scraped: Vec<&str> = scrape["names"]
+        .as_sequence()
+        .expect("scraped names")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+
+    for (name, _, _) in SERVICES {
+        let service = &compose["services"][name];
+        assert!(service.is_mapping(), "{name} is not a compose service");
+        assert_eq!(
+            service["command"],
+            Value::Sequence(vec![Value::from(name)]),
+            "{name}'s command"
+        );
+        assert!(
+            dockerfile.contains(&format!("/src/target/release/{name}")),
+            "the image does not hold {name}"
+        );
+        assert!(scraped.contains(&name), "Prometheus does not scrape {name}");
+        let environment = service["environment"]
+            .as_mapping()
+            .expect("an environment mapping");
+        let mut builder = ServiceBuilder::new(name).arg("--check-config");
+        for (key, value) in image_env
+            .iter()
+            .cloned()
+            .chain(environment.iter().map(|(k, v)| {
+                let text = |v: &Value| match v {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml_ng::to_string(other).unwrap().trim().to_string(),
+                };
+                (text(k), text(v))
+            }))
+        {
+            builder = builder.env(&key, value);
+        }
+        let (status, config) = builder.run_to_exit(Duration::from_secs(10)).await?;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{name} refused its compose config: {config}"
+        );
+        assert!(
+            config.contains(&format!("metrics_addr: 0.0.0.0:{scrape_port},")),
+            "{name} does not serve metrics where Prometheus scrapes: {config}"
+        );
+        assert!(config.contains("log_format: Json,"), "{name}: {config}");
+        // The brokers the service's config names, and only those, are waited for.
+        let waited_for: std::collections::BTreeSet<&str> = service["depends_on"]
+            .as_mapping()
+            .expect("depends_on")
+            .iter()
+            .filter(|(_, wait)| wait["condition"] == "service_healthy")
+            .filter_map(|(broker, _)| broker.as_str())
+            .collect();
+        let used: std::collections::BTreeSet<&str> = [
+            ("redis", "    redis: RedisConfig {"),
+            ("kafka", "    kafka: KafkaConfig {"),
+            ("rabbitmq", "    amqp: AmqpConfig {"),
+        ]
+        .into_iter()
+        .filter(|(_, section)| config.contains(section))
+        .map(|(broker, _)| broker)
+        .collect();
+        assert_eq!(
+            waited_for, used,
+            "{name} waits for other brokers than it uses"
+        );
+        for (broker, url) in [
+            ("redis", "redis://redis:6379"),
+            ("kafka", "kafka:9092"),
+            ("rabbitmq", "@rabbitmq:5672/"),
+        ] {
+            assert_eq!(
+                used.contains(broker),
+                config.contains(url),
+                "{name} is not pointed at the compose {broker}: {config}"
+            );
+        }
+        let grace: u64 = config
+            .split_once("grace_period_secs: ")
+            .and_then(|(_, rest)| rest.split(',').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no grace period in {config}"));
+        let stop_grace: u64 = service["stop_grace_period"]
+            .as_str()
+            .and_then(|s| s.strip_suffix('s')?.parse().ok())
+            .expect("stop_grace_period in seconds");
+        assert!(
+            stop_grace > grace,
+            "{name}: compose kills after {stop_grace}s, before the service's {grace}s grace period"
+        );
+    }
+    Ok(())
+}
