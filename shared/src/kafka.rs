@@ -2,6 +2,7 @@
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
@@ -57,6 +58,9 @@ impl ProducerContext for FleetClientContext {
 
     fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
+
+/// For consumers that assign their partitions themselves, outside any group.
+impl ConsumerContext for FleetClientContext {}
 
 /// librdkafka's own log lines. Its error-level lines are about connections and brokers, which
 /// it retries, so they are WARN; only its critical levels are ERROR.

@@ -9,10 +9,16 @@ use fleet::kafka::FleetClientContext;
 use fleet::Shutdown;
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// How long a refused write's message is looked for in its partition before its dead letter
+/// goes out with what the batch kept of it.
+const READ_BACK_WAIT: Duration = Duration::from_secs(10);
 
 /// A message that could not be used, copied out of the consumer's buffer.
 pub struct DeadLetter {
@@ -93,6 +99,8 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 #[derive(Clone)]
 pub struct DeadLetterProducer {
     producer: FutureProducer<FleetClientContext>,
+    /// For a consumer, made when needed, that reads refused writes' messages back.
+    read_back: ClientConfig,
 }
 
 impl DeadLetterProducer {
@@ -102,9 +110,66 @@ impl DeadLetterProducer {
         client
             .set("enable.idempotence", "true")
             .set("linger.ms", "5");
+        // Partitions are assigned by hand and nothing is committed, so no group is joined.
+        let read_back = fleet::kafka::client_config_with(
+            config,
+            &[
+                ("group.id", "order-cacher-read-back"),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+            ],
+        );
         Ok(Self {
             producer: client.create_with_context(FleetClientContext)?,
+            read_back,
         })
+    }
+
+    /// Reads the messages of `letters` back from their partitions, so that each letter keeps
+    /// its message whole: key, value and headers. A batch keeps only what its writes need, so
+    /// a write Redis refused knows its message only in part. A message not read back within
+    /// [`READ_BACK_WAIT`] (or before shutdown) leaves its letter as it was, with a warning.
+    pub async fn read_back_messages(&self, letters: &mut [DeadLetter], shutdown: &Shutdown) {
+        if letters.is_empty() {
+            return;
+        }
+        let consumer: StreamConsumer<FleetClientContext> = match self
+            .read_back
+            .create_with_context(FleetClientContext)
+        {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read refused writes' messages back; their dead letters keep what the batch held.");
+                return;
+            }
+        };
+        for letter in letters {
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.triggered() => return,
+                read = tokio::time::timeout(READ_BACK_WAIT, read_one(&consumer, letter)) => read,
+            };
+            match read {
+                Ok(Ok(message)) => {
+                    letter.key = message.key().map(<[u8]>::to_vec);
+                    letter.payload = message.payload().map(<[u8]>::to_vec);
+                    letter.headers = message.headers().cloned();
+                }
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e,
+                        _ => format!("not read within {READ_BACK_WAIT:?}"),
+                    };
+                    tracing::warn!(
+                        topic = %letter.source_topic,
+                        partition = letter.partition,
+                        offset = letter.offset,
+                        %error,
+                        "Cannot read a refused write's message back; its dead letter keeps what the batch held."
+                    );
+                }
+            }
+        }
     }
 
     /// Sends every letter, retrying failures with backoff. `false` means shutdown came first
@@ -148,6 +213,34 @@ impl DeadLetterProducer {
             .await
             .map(|_| ())
             .map_err(|(e, _)| e)
+    }
+}
+
+/// The message at `letter`'s source offset.
+async fn read_one(
+    consumer: &StreamConsumer<FleetClientContext>,
+    letter: &DeadLetter,
+) -> Result<OwnedMessage, String> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(
+            &letter.source_topic,
+            letter.partition,
+            Offset::Offset(letter.offset),
+        )
+        .map_err(|e| e.to_string())?;
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    loop {
+        let message = consumer.recv().await.map_err(|e| e.to_string())?;
+        if message.topic() != letter.source_topic || message.partition() != letter.partition {
+            continue;
+        }
+        if message.offset() == letter.offset {
+            return Ok(message.detach());
+        }
+        if message.offset() > letter.offset {
+            return Err("the message is no longer in its partition".into());
+        }
     }
 }
 

@@ -912,7 +912,10 @@ impl BatchWriter {
                 // one, in order, the others go through and the refused ones are
                 // dead-lettered, so one write cannot stall its partition.
                 match write_one_by_one(&cache, &mut batch, &rules, &ownership, &shutdown).await {
-                    OneByOne::Written(outcomes, letters) => {
+                    OneByOne::Written(outcomes, mut letters) => {
+                        dead_letters
+                            .read_back_messages(&mut letters, &shutdown)
+                            .await;
                         if !dead_letters.send_all(&letters, &shutdown).await {
                             return (batch, None);
                         }

@@ -840,7 +840,14 @@ async fn a_write_redis_refuses_is_dead_lettered_and_its_partition_flows_on() -> 
         )
         .await?;
     let mut records: Vec<Record> = (0..10).map(|i| Record::value(order(i, 1))).collect();
-    // And a tombstone of order 3, whose letter must keep the key that names what it deletes.
+    // The letters keep the whole message: its Kafka key and headers too.
+    records[3] = Record {
+        key: Some(b"k3".to_vec()),
+        ..Record::value(order(3, 1))
+    }
+    .header("trace-id", "t3");
+    // And a tombstone of order 3, whose letter must keep the key that names what it deletes,
+    // and the header that gives its version.
     records.push(
         Record {
             key: Some(b"3".to_vec()),
@@ -881,10 +888,21 @@ async fn a_write_redis_refuses_is_dead_lettered_and_its_partition_flows_on() -> 
         upsert.payload() == Some(&order(3, 1)[..]),
         "the message is kept"
     );
+    ensure!(
+        upsert.key() == Some(&b"k3"[..])
+            && kafka::header(upsert, "trace-id").as_deref() == Some("t3"),
+        "the upsert keeps its key and headers: {:?} {:?}",
+        upsert.key(),
+        kafka::header(upsert, "trace-id")
+    );
     ensure!(kafka::header(tombstone, "x-original-offset").as_deref() == Some("10"));
     ensure!(
         tombstone.key() == Some(&b"3"[..]) && tombstone.payload().is_none(),
         "the tombstone keeps its key"
+    );
+    ensure!(
+        kafka::header(tombstone, "version").as_deref() == Some("2"),
+        "the tombstone keeps its version header"
     );
     ensure!(
         sample(
