@@ -231,7 +231,12 @@ async fn read_one(
         .map_err(|e| e.to_string())?;
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     loop {
-        let message = consumer.recv().await.map_err(|e| e.to_string())?;
+        // Errors here are the broker's (a lost connection, say), which librdkafka retries:
+        // the read goes on until the caller's wait runs out.
+        let Ok(message) = consumer.recv().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         if message.topic() != letter.source_topic || message.partition() != letter.partition {
             continue;
         }
