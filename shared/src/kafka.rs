@@ -1,5 +1,8 @@
 //! Kafka client settings and logging, through librdkafka.
 
+use std::sync::LazyLock;
+use std::time::Instant;
+
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
@@ -10,6 +13,7 @@ use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
 use crate::secret::is_sensitive_property;
+use crate::telemetry::Repeats;
 
 /// A librdkafka config with the brokers and every pass-through property set.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -62,6 +66,10 @@ impl ProducerContext for FleetClientContext {
 /// For consumers that assign their partitions themselves, outside any group.
 impl ConsumerContext for FleetClientContext {}
 
+/// librdkafka's transient reports, shared by every client of the process: they report the
+/// same outage alike.
+static REPEATS: LazyLock<Repeats> = LazyLock::new(Repeats::default);
+
 /// librdkafka's own log lines. Its error-level lines are about connections and brokers, which
 /// it retries, so they are WARN; only its critical levels are ERROR.
 pub fn log_client_message(level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -74,7 +82,10 @@ pub fn log_client_message(level: RDKafkaLogLevel, facility: &str, message: &str)
             tracing::error!(target: "librdkafka", facility, "{message}");
         }
         RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
-            tracing::warn!(target: "librdkafka", facility, "{message}");
+            if let Some(left_out) = REPEATS.admit(&format!("{facility} {message}"), Instant::now())
+            {
+                tracing::warn!(target: "librdkafka", facility, repeats_left_out = left_out, "{message}");
+            }
         }
         RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
             tracing::info!(target: "librdkafka", facility, "{message}");
@@ -97,8 +108,8 @@ fn is_shared_property_notice(facility: &str, message: &str) -> bool {
 pub fn log_client_error(error: &KafkaError, reason: &str) {
     if needs_a_person(error) {
         tracing::error!(target: "librdkafka", error = %error, "{reason}");
-    } else {
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    } else if let Some(left_out) = REPEATS.admit(&format!("{error} {reason}"), Instant::now()) {
+        tracing::warn!(target: "librdkafka", error = %error, repeats_left_out = left_out, "{reason}");
     }
 }
 

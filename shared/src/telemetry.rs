@@ -94,6 +94,57 @@ impl Throttle {
     }
 }
 
+/// Quiets a warning that repeats while a broker is away. librdkafka reports "all brokers are
+/// down" from every client, and its consumer hands the same error back on every poll, many
+/// times a second for as long as the outage lasts. The first of a kind is logged; the same
+/// kind again within the window is only counted; the next one after the window is logged with
+/// how many were left out. Kinds are few (an error and its reason), and the map is cleared
+/// should they not be.
+pub struct Repeats {
+    window: Duration,
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl Repeats {
+    /// The most kinds remembered before the map starts again.
+    const MAX_KINDS: usize = 256;
+
+    /// Leaves out repeats within `window` of the last logged one.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(left_out)` when an event of `kind` is to be logged at `now`, with how many of its
+    /// kind were left out since the last one logged; `None` when it is to be left out.
+    pub fn admit(&self, kind: &str, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((logged_at, left_out)) = seen.get_mut(kind) {
+            if now.duration_since(*logged_at) < self.window {
+                *left_out += 1;
+                return None;
+            }
+            let before = std::mem::take(left_out);
+            *logged_at = now;
+            return Some(before);
+        }
+        if seen.len() >= Self::MAX_KINDS {
+            seen.clear();
+        }
+        seen.insert(kind.to_owned(), (now, 0));
+        Some(0)
+    }
+}
+
+impl Default for Repeats {
+    /// Ten seconds, as for the throttled library sites.
+    fn default() -> Self {
+        Self::new(THROTTLE_WINDOW)
+    }
+}
+
 fn is_recovered_error(metadata: &Metadata<'_>) -> bool {
     is_recovered(*metadata.level(), metadata.target())
 }
@@ -177,6 +228,22 @@ mod tests {
             assert!(throttle.admit("redis::aio::connection_manager", Some(1), start));
             assert!(throttle.admit("order_cacher::pipeline", Some(1), start));
         }
+    }
+
+    #[test]
+    fn a_repeated_kind_is_counted_within_the_window_and_reported_after_it() {
+        let repeats = Repeats::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(repeats.admit("all brokers down", at(0)), Some(0));
+        assert_eq!(repeats.admit("all brokers down", at(1)), None);
+        assert_eq!(repeats.admit("all brokers down", at(9)), None);
+        // Another kind is not held back by the first.
+        assert_eq!(repeats.admit("authentication failed", at(9)), Some(0));
+        assert_eq!(repeats.admit("all brokers down", at(10)), Some(2));
+        assert_eq!(repeats.admit("all brokers down", at(11)), None);
+        assert_eq!(repeats.admit("all brokers down", at(30)), Some(1));
+        assert_eq!(repeats.admit("all brokers down", at(45)), Some(0));
     }
 
     #[test]

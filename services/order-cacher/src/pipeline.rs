@@ -282,6 +282,8 @@ pub async fn run(
     let mut held: Option<Batch> = None;
     let mut stalled_until: Option<Instant> = None;
     let mut linger_until: Option<Instant> = None;
+    // Through a Kafka outage the consumer hands back the same error on every poll.
+    let consumer_errors = fleet::telemetry::Repeats::default();
     loop {
         tokio::select! {
             biased;
@@ -332,7 +334,15 @@ pub async fn run(
                         }
                         Err(e) => {
                             consumer.context().note_error(&e);
-                            tracing::warn!(error = %e, "Kafka consumer error.");
+                            if let Some(left_out) =
+                                consumer_errors.admit(&e.to_string(), std::time::Instant::now())
+                            {
+                                tracing::warn!(
+                                    error = %e,
+                                    repeats_left_out = left_out,
+                                    "Kafka consumer error."
+                                );
+                            }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             break;
                         }
