@@ -39,6 +39,18 @@ pub async fn create_topic(name: &str, partitions: i32) -> Result<()> {
     }
 }
 
+/// Deletes a partition's messages before `offset`, as retention would.
+pub async fn delete_records_before(topic: &str, partition: i32, offset: i64) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client().create()?;
+    let mut before = rdkafka::TopicPartitionList::new();
+    before.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+    let deleted = admin.delete_records(&before, &AdminOptions::new()).await?;
+    for element in deleted.elements() {
+        element.error()?;
+    }
+    Ok(())
+}
+
 /// The partition count of `name`, or `None` while the cluster does not know the topic. The
 /// lookup never creates the topic (consumers do not ask for auto-creation).
 pub fn partitions_of(name: &str) -> Result<Option<usize>> {

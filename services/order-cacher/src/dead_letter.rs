@@ -16,9 +16,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// How long a refused write's message is looked for in its partition before its dead letter
-/// goes out with what the batch kept of it.
-const READ_BACK_WAIT: Duration = Duration::from_secs(10);
+/// How long the messages of a batch's refused writes are looked for in their partitions, all
+/// together, before the dead letters of those not found go out with what the batch kept.
+pub const READ_BACK_WAIT: Duration = Duration::from_secs(10);
 
 /// A message that could not be used, copied out of the consumer's buffer.
 pub struct DeadLetter {
@@ -117,6 +117,8 @@ impl DeadLetterProducer {
                 ("group.id", "order-cacher-read-back"),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
+                // A message no longer in its partition is an error, not a jump to its end.
+                ("auto.offset.reset", "error"),
             ],
         );
         Ok(Self {
@@ -128,7 +130,8 @@ impl DeadLetterProducer {
     /// Reads the messages of `letters` back from their partitions, so that each letter keeps
     /// its message whole: key, value and headers. A batch keeps only what its writes need, so
     /// a write Redis refused knows its message only in part. A message not read back within
-    /// [`READ_BACK_WAIT`] (or before shutdown) leaves its letter as it was, with a warning.
+    /// [`READ_BACK_WAIT`] of the start (or before shutdown), or no longer in its partition,
+    /// leaves its letter as it was, with a warning.
     pub async fn read_back_messages(&self, letters: &mut [DeadLetter], shutdown: &Shutdown) {
         if letters.is_empty() {
             return;
@@ -143,11 +146,12 @@ impl DeadLetterProducer {
                 return;
             }
         };
+        let deadline = tokio::time::Instant::now() + READ_BACK_WAIT;
         for letter in letters {
             let read = tokio::select! {
                 biased;
                 _ = shutdown.triggered() => return,
-                read = tokio::time::timeout(READ_BACK_WAIT, read_one(&consumer, letter)) => read,
+                read = tokio::time::timeout_at(deadline, read_one(&consumer, letter)) => read,
             };
             match read {
                 Ok(Ok(message)) => {
@@ -231,11 +235,17 @@ async fn read_one(
         .map_err(|e| e.to_string())?;
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     loop {
-        // Errors here are the broker's (a lost connection, say), which librdkafka retries:
-        // the read goes on until the caller's wait runs out.
-        let Ok(message) = consumer.recv().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(e) if is_gone(&e) => {
+                return Err("the message is no longer in its partition".into());
+            }
+            // The broker's other errors (a lost connection, say) librdkafka retries: the read
+            // goes on until the caller's wait runs out.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         if message.topic() != letter.source_topic || message.partition() != letter.partition {
             continue;
@@ -247,6 +257,15 @@ async fn read_one(
             return Err("the message is no longer in its partition".into());
         }
     }
+}
+
+/// Whether a read failed because the offset is before the partition's first message (deleted
+/// by retention, say), which no retry finds again.
+fn is_gone(error: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset)
+    )
 }
 
 /// Creates the dead-letter topics that do not exist yet, with the cluster's default partition

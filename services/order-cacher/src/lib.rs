@@ -3,7 +3,7 @@
 
 pub mod config;
 mod context;
-mod dead_letter;
+pub mod dead_letter;
 pub mod decode;
 mod metrics;
 mod ownership;

@@ -921,6 +921,66 @@ async fn a_write_redis_refuses_is_dead_lettered_and_its_partition_flows_on() -> 
     Ok(())
 }
 
+/// The read-back that makes a `write_refused` letter whole, on its own: a message still in
+/// its partition comes back with its key, value and headers; one that retention deleted
+/// leaves its letter as the batch had it, at once rather than after the whole wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_writes_message_is_read_back_whole_unless_it_is_gone() -> Result<()> {
+    use order_cacher::dead_letter::{DeadLetter, DeadLetterProducer, Refusal, READ_BACK_WAIT};
+    let topic = fleet_tests::unique_name("read-back");
+    kafka::create_topic(&topic, 1).await?;
+    let records: Vec<Record> = (0..4)
+        .map(|i| {
+            Record {
+                key: Some(format!("k{i}").into_bytes()),
+                ..Record::value(order(i, 1))
+            }
+            .header("trace-id", &format!("t{i}"))
+        })
+        .collect();
+    kafka::produce(&kafka::producer()?, &topic, &records).await?;
+    kafka::delete_records_before(&topic, 0, 2).await?;
+
+    let letter = |offset: i64| DeadLetter {
+        topic: format!("{topic}.dlq"),
+        source_topic: topic.clone(),
+        partition: 0,
+        offset,
+        key: None,
+        payload: Some(b"what the batch kept".to_vec()),
+        headers: None,
+        error: Refusal::Write("refused".into()),
+    };
+    let mut letters = vec![letter(1), letter(3)];
+    let config = fleet::config::KafkaConfig {
+        brokers: fleet_tests::kafka_brokers(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    DeadLetterProducer::new(&config)?
+        .read_back_messages(&mut letters, &fleet::Shutdown::new())
+        .await;
+    ensure!(
+        started.elapsed() < READ_BACK_WAIT / 2,
+        "a deleted message was waited for: {:?}",
+        started.elapsed()
+    );
+    let (gone, kept) = (&letters[0], &letters[1]);
+    ensure!(gone.key.is_none() && gone.payload.as_deref() == Some(&b"what the batch kept"[..]));
+    ensure!(gone.headers.is_none());
+    ensure!(kept.key.as_deref() == Some(&b"k3"[..]));
+    ensure!(kept.payload.as_deref() == Some(&order(3, 1)[..]));
+    let trace_id = kept.headers.as_ref().and_then(|headers| {
+        use rdkafka::message::Headers;
+        headers
+            .iter()
+            .find(|h| h.key == "trace-id")
+            .and_then(|h| h.value.map(<[u8]>::to_vec))
+    });
+    ensure!(trace_id.as_deref() == Some(&b"t3"[..]), "{trace_id:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_acl_denying_the_guards_commands_stalls_as_not_ready_rather_than_dead_letters(
 ) -> Result<()> {
