@@ -6,14 +6,16 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::payload::FieldRef;
 
 /// A monotonically increasing version of one entry. Higher wins.
 ///
 /// Built from a non-negative integer (a counter, a sequence number, epoch milliseconds), a
-/// string of digits, or an RFC 3339 timestamp, which becomes nanoseconds since the Unix epoch.
+/// string of digits, or a timestamp (see [`parse_timestamp`]), which becomes nanoseconds since
+/// the Unix epoch.
 /// One topic or queue should use one kind: a counter and a timestamp do not compare sensibly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version(u64);
@@ -24,8 +26,8 @@ pub enum VersionError {
     /// A negative number, a fraction, or a number past `u64::MAX`.
     #[error("version must be a whole number from 0 to 18446744073709551615")]
     OutOfRange,
-    /// A string that is neither digits nor an RFC 3339 timestamp.
-    #[error("version string is neither digits nor an RFC 3339 timestamp")]
+    /// A string that is neither digits nor a timestamp.
+    #[error("version string is neither digits nor an RFC 3339 or `YYYY-MM-DD HH:MM:SS` timestamp")]
     Unparsable,
     /// A timestamp before 1970.
     #[error("version timestamp is before 1970-01-01")]
@@ -78,12 +80,28 @@ impl std::str::FromStr for Version {
                 .map(Self)
                 .map_err(|_| VersionError::OutOfRange);
         }
-        let ts = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| VersionError::Unparsable)?;
+        let ts = parse_timestamp(s).ok_or(VersionError::Unparsable)?;
         let nanos = ts.unix_timestamp_nanos();
         u64::try_from(nanos)
             .map(Self)
             .map_err(|_| VersionError::BeforeEpoch)
     }
+}
+
+/// A timestamp in RFC 3339, or in the `2023-01-01 10:00:00` form (optionally with a fraction
+/// of a second) that many producers send, read as UTC. Timestamps of one producer in its local
+/// time still order rightly, save across the hour a clock goes back.
+pub fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Some(t);
+    }
+    let plain = format_description!(
+        version = 2,
+        "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]"
+    );
+    PrimitiveDateTime::parse(text, plain)
+        .ok()
+        .map(PrimitiveDateTime::assume_utc)
 }
 
 impl fmt::Display for Version {
@@ -106,7 +124,7 @@ impl<'de> Deserialize<'de> for Version {
             type Value = Version;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a non-negative integer, a string of digits or an RFC 3339 timestamp")
+                f.write_str("a non-negative integer, a string of digits or a timestamp")
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Version, E> {
@@ -158,6 +176,21 @@ mod tests {
             "the same instant in another offset is the same version"
         );
         assert_eq!(a.get(), 1_672_567_200_000_000_000);
+    }
+
+    #[test]
+    fn the_plain_date_time_form_producers_send_is_a_utc_timestamp() {
+        let plain = Version::from_json(&json!("2023-01-01 10:00:00")).unwrap();
+        assert_eq!(
+            plain,
+            Version::from_json(&json!("2023-01-01T10:00:00Z")).unwrap()
+        );
+        let later = Version::from_json(&json!("2023-01-01 10:00:00.25")).unwrap();
+        assert_eq!(later.get() - plain.get(), 250_000_000);
+        assert_eq!(
+            Version::from_json(&json!("2023-01-01 10:00")),
+            Err(VersionError::Unparsable)
+        );
     }
 
     #[test]

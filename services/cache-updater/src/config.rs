@@ -108,8 +108,9 @@ pub struct QueueConfig {
     /// envelopes (messages with an `op` field) are accepted.
     #[serde(default)]
     pub key_template: Option<KeyTemplate>,
-    /// Field of a plain entity message holding its version (integer, digit string or
-    /// RFC 3339). With it, entity messages without the field are dead-lettered.
+    /// Field of a plain entity message holding its version (integer, digit string, RFC 3339
+    /// or `YYYY-MM-DD HH:MM:SS` read as UTC). With it, entity messages without the field are
+    /// dead-lettered.
     #[serde(default)]
     pub version_field: Option<String>,
     /// Expiry of entries written from plain entity messages, in seconds.

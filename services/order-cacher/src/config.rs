@@ -137,7 +137,8 @@ pub struct TopicConfig {
     /// Redis key of each message, filled from its JSON fields.
     #[serde(default = "default_key_template")]
     pub key_template: KeyTemplate,
-    /// Field holding the message's version (integer, digit string or RFC 3339). With it, an
+    /// Field holding the message's version (integer, digit string, RFC 3339 or
+    /// `YYYY-MM-DD HH:MM:SS` read as UTC). With it, an
     /// older message never overwrites a newer one, and messages without it are dead-lettered.
     /// For tombstones (null values) the version is read from the header of the same name.
     #[serde(default)]

@@ -7,13 +7,10 @@ use fleet::envelope::{check_size, parse_object, PayloadError};
 use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
 use fleet::payload::{parse_fields, FieldRef, PayloadFields};
-use fleet::version::Version;
+use fleet::version::{parse_timestamp, Version};
 use fleet::version_guard::{CacheKey, CacheWrite};
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
-use time::format_description::well_known::Rfc3339;
-use time::macros::format_description;
-use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::config::{IndexConfig, TopicConfig};
 
@@ -368,20 +365,6 @@ fn message_time(field: &str, timestamp_ms: Option<i64>) -> Result<f64, PayloadEr
         .ok_or_else(|| PayloadError::MissingField {
             field: field.to_string(),
         })
-}
-
-/// RFC 3339, or the `2023-01-01 10:00:00` form many producers send, read as UTC.
-fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
-    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Some(t);
-    }
-    let plain = format_description!(
-        version = 2,
-        "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]"
-    );
-    PrimitiveDateTime::parse(text, plain)
-        .ok()
-        .map(PrimitiveDateTime::assume_utc)
 }
 
 #[cfg(test)]
