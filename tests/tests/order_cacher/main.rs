@@ -368,6 +368,48 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
     restart_and_expect_only_the_uncommitted(&scenario, &highest, 10_000, committed).await
 }
 
+/// A stop that comes while Redis is away: the writes being retried give way to the shutdown,
+/// the service exits 0 well within its grace period, and what it commits is only what it
+/// wrote, so a restart after Redis returns writes the rest and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_redis_outage_exits_at_once_and_commits_only_what_was_written(
+) -> Result<()> {
+    let scenario = Scenario::new("cutstop", PARTITIONS).await?;
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let mut service = scenario
+        .service("")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (records, highest) = shuffled_orders(500, 6_000);
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, &records[..3_000]).await?;
+    wait_handled(&service, 3_000.0, DRAIN).await?;
+
+    proxy.cut();
+    kafka::produce(&producer, &scenario.topic, &records[3_000..]).await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    // Long enough for the new messages' batches to be failing and retried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopping = std::time::Instant::now();
+    service.sigterm()?;
+    let status = service.wait_exit(Duration::from_secs(40)).await?;
+    ensure!(
+        status.code() == Some(0) && stopping.elapsed() < Duration::from_secs(10),
+        "exit {status:?} after {:?}:\n{}",
+        stopping.elapsed(),
+        service.logs()
+    );
+    let committed = kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await?;
+    ensure!(
+        (3_000..6_000).contains(&committed),
+        "committed {committed}: all that was written before the cut, none of what was not"
+    );
+
+    proxy.restore();
+    restart_and_expect_only_the_uncommitted(&scenario, &highest, 6_000, committed).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tombstones_delete_origin_marked_messages_are_skipped_and_indexes_are_capped() -> Result<()>
 {
