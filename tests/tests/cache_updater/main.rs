@@ -484,6 +484,64 @@ async fn poison_messages_of_every_kind_reach_the_dlq_with_their_reason_while_goo
     Ok(())
 }
 
+/// A stop that comes while Redis is away: the deliveries held give way to the shutdown and go
+/// back to the queue unacked, the service exits 0 well within its grace period, nothing is
+/// dead-lettered or put back as a retry, and a replica started after Redis returns writes
+/// every message.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_redis_outage_exits_at_once_and_hands_back_what_it_had_not_written(
+) -> Result<()> {
+    let s = Scenario::new("cu-cutstop");
+    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let mut service = s
+        .service("prefetch = 200")
+        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = ordered_upserts(&s, 500, 3_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", &messages[..1_000])
+        .await?;
+    wait_handled(&[&service], 1_000.0, DRAIN).await?;
+
+    proxy.cut();
+    publisher
+        .publish(&s.exchange, "cache.update", &messages[1_000..])
+        .await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    // Long enough for the held deliveries' writes to be failing and retried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let written_before_stop = handled(&service).await?;
+    assert_waited_out(&service).await?;
+    let stopping = std::time::Instant::now();
+    service.sigterm()?;
+    let status = service.wait_exit(Duration::from_secs(40)).await?;
+    ensure!(
+        status.code() == Some(0) && stopping.elapsed() < Duration::from_secs(10),
+        "exit {status:?} after {:?}:\n{}",
+        stopping.elapsed(),
+        service.logs()
+    );
+    assert_no_stale_acks(&service)?;
+    let back_in_queue = fleet_tests::amqp::depth(&s.queue).await?;
+    ensure!(
+        back_in_queue as f64 == 3_000.0 - written_before_stop,
+        "{back_in_queue} in the queue after the stop, {written_before_stop} of 3000 written before it"
+    );
+    ensure!(fleet_tests::amqp::depth(&s.dead_letter_queue).await? == 0);
+
+    proxy.restore();
+    let mut after = s.service("prefetch = 200").spawn()?;
+    after.wait_ready(READY).await?;
+    wait_queue_drained(&s.queue, &[&after]).await?;
+    wait_highest_versions(&highest).await?;
+    assert_waited_out(&after).await?;
+    after.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_and_drains(
 ) -> Result<()> {
