@@ -39,8 +39,9 @@ fn refuses_this_index_update(e: &GuardError) -> bool {
 /// The name of the writer's readiness switch.
 pub const WRITES_READINESS: &str = "redis_writes";
 
-/// Failed writes in a row after which a cluster connection is built anew.
-const CLUSTER_RECONNECT_AFTER: u32 = 3;
+/// Failed writes in a row after which a connection to a cluster, or to the master Sentinel
+/// names, is built anew from the config.
+const FAILOVER_RECONNECT_AFTER: u32 = 3;
 
 /// The writer's metrics, registered once per service.
 #[derive(Clone)]
@@ -299,18 +300,22 @@ impl CacheWriter {
     /// A cluster client learns a new topology from `MOVED` replies, but a master that died
     /// before answering never sends one, and the client keeps trying it after its replica
     /// took over. So after a few failed writes in a row the cluster connection is built
-    /// anew from the seeds, which reads the topology as it is now.
+    /// anew from the seeds, which reads the topology as it is now. Behind Sentinel, the
+    /// sentinels are asked again where the master is: the old one is down, or answers
+    /// `READONLY` as a replica.
     async fn after_transient_failure(&mut self) {
         self.failures_in_a_row += 1;
-        if !self.conn.is_cluster() || self.failures_in_a_row % CLUSTER_RECONNECT_AFTER != 0 {
+        if !self.config.follows_failovers()
+            || self.failures_in_a_row % FAILOVER_RECONNECT_AFTER != 0
+        {
             return;
         }
         match crate::redis_conn::connect(&self.config).await {
             Ok(conn) => {
-                tracing::info!("Reconnected to the Redis Cluster to read its topology anew.");
+                tracing::info!("Reconnected to Redis to follow a failover.");
                 self.conn = conn;
             }
-            Err(e) => tracing::warn!(error = %e, "Could not reconnect to the Redis Cluster."),
+            Err(e) => tracing::warn!(error = %e, "Could not reconnect to Redis after a failover."),
         }
     }
 

@@ -266,6 +266,16 @@ pub struct RedisConfig {
     /// is down (a failed-over master, say) leaves it unable to reconnect.
     #[serde(default)]
     pub cluster_nodes: Vec<RedactedUrl>,
+    /// Redis Sentinel: the name of the master that `sentinels` watch. The service asks them
+    /// where that master is and connects there with `url`'s scheme, credentials and database
+    /// (`url`'s host and port are not used). It asks again when writes keep failing or the
+    /// server it holds is no longer a master, as after a failover.
+    #[serde(default)]
+    pub sentinel_master: Option<String>,
+    /// The sentinels to ask, in order: `redis://[user:password@]host:port` each, with the
+    /// sentinels' own credentials if they have any. List them all: one that is down is skipped.
+    #[serde(default)]
+    pub sentinels: Vec<RedactedUrl>,
     /// Replicas that must hold a batch's writes (Redis `WAIT`) before its messages are acked
     /// or committed. Redis replicates asynchronously, so a master that dies can take writes
     /// it already confirmed with it; with `WAIT`, such a batch is written again instead. 0
@@ -291,6 +301,8 @@ impl Default for RedisConfig {
             response_timeout_ms: default_redis_response_timeout_ms(),
             cluster: false,
             cluster_nodes: Vec::new(),
+            sentinel_master: None,
+            sentinels: Vec::new(),
             wait_replicas: 0,
             wait_timeout_ms: default_wait_timeout_ms(),
         }
@@ -321,6 +333,7 @@ impl RedisConfig {
                 ))
             }
         }
+        self.validate_sentinel()?;
         if !self.cluster {
             if !self.cluster_nodes.is_empty() {
                 return Err(ConfigError::invalid(
@@ -353,6 +366,63 @@ impl RedisConfig {
             return Err(ConfigError::invalid(
                 "redis.tls_ca_file",
                 "not supported with redis.cluster; the cluster's certificates must chain to the system's roots",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RedisConfig {
+    /// Whether the server behind this config can change under the service (a cluster's
+    /// failover or slot move, or a failover Sentinel makes), so that a connection that keeps
+    /// failing is built anew from the config rather than only reconnected.
+    pub fn follows_failovers(&self) -> bool {
+        self.cluster || self.sentinel_master.is_some()
+    }
+
+    fn validate_sentinel(&self) -> Result<(), ConfigError> {
+        match (&self.sentinel_master, self.sentinels.is_empty()) {
+            (None, true) => return Ok(()),
+            (None, false) => {
+                return Err(ConfigError::invalid(
+                    "redis.sentinels",
+                    "set only with redis.sentinel_master",
+                ))
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::invalid(
+                    "redis.sentinel_master",
+                    "needs redis.sentinels, the sentinels to ask",
+                ))
+            }
+            (Some(name), false) if name.trim().is_empty() => {
+                return Err(ConfigError::invalid("redis.sentinel_master", "is empty"))
+            }
+            (Some(_), false) => {}
+        }
+        if self.cluster {
+            return Err(ConfigError::invalid(
+                "redis.sentinel_master",
+                "a Redis Cluster fails over by itself; set either redis.cluster or redis.sentinel_master",
+            ));
+        }
+        if !matches!(self.url.scheme(), "redis" | "rediss") {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "with redis.sentinel_master the master is reached over TCP: redis:// or rediss://",
+            ));
+        }
+        if let Some(bad) = self
+            .sentinels
+            .iter()
+            .find(|url| !matches!(url.scheme(), "redis" | "rediss"))
+        {
+            return Err(ConfigError::invalid(
+                "redis.sentinels",
+                format!(
+                    "unsupported scheme `{}`, expected redis:// or rediss://",
+                    bad.scheme()
+                ),
             ));
         }
         Ok(())
@@ -785,6 +855,46 @@ mod tests {
         assert!(err.contains("`redis.cluster_nodes`"), "{err}");
         // Without cluster mode, a database number is fine.
         load_env(&[("REDIS_URL", "redis://10.0.0.1:7000/2")]).unwrap();
+    }
+
+    #[test]
+    fn sentinel_mode_needs_a_master_name_and_sentinels_and_excludes_a_cluster() {
+        let sentinels = (
+            "TEST_SVC__REDIS__SENTINELS",
+            r#"["redis://10.0.0.5:26379", "redis://10.0.0.6:26379"]"#,
+        );
+        let master = ("TEST_SVC__REDIS__SENTINEL_MASTER", "cache");
+        let c = load_env(&[sentinels, master, ("REDIS_URL", "redis://:pw@master/2")]).unwrap();
+        assert_eq!(c.redis.sentinel_master.as_deref(), Some("cache"));
+        assert_eq!(c.redis.sentinels.len(), 2);
+        assert!(c.redis.follows_failovers());
+        for (env, key) in [
+            (vec![sentinels], "`redis.sentinels`"),
+            (vec![master], "`redis.sentinel_master`"),
+            (
+                vec![sentinels, ("TEST_SVC__REDIS__SENTINEL_MASTER", " ")],
+                "`redis.sentinel_master`",
+            ),
+            (
+                vec![sentinels, master, ("TEST_SVC__REDIS__CLUSTER", "true")],
+                "`redis.sentinel_master`",
+            ),
+            (
+                vec![sentinels, master, ("REDIS_URL", "unix:///tmp/redis.sock")],
+                "`redis.url`",
+            ),
+            (
+                vec![
+                    ("TEST_SVC__REDIS__SENTINELS", r#"["http://10.0.0.5:26379"]"#),
+                    master,
+                ],
+                "`redis.sentinels`",
+            ),
+        ] {
+            let err = load_env(&env).unwrap_err().to_string();
+            assert!(err.contains(key), "{env:?}: {err}");
+        }
+        assert!(!load_env(&[]).unwrap().redis.follows_failovers());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Redis connections: plain, TLS (`rediss://`), ACL users and Redis Cluster, reconnecting by
-//! themselves.
+//! Redis connections: plain, TLS (`rediss://`), ACL users, Redis Cluster and a master found
+//! through Redis Sentinel, reconnecting by themselves.
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -11,7 +11,9 @@ use redis::aio::{
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value,
+};
 
 use crate::config::RedisConfig;
 use crate::observability::DependencyStatus;
@@ -19,6 +21,11 @@ use crate::shutdown::Shutdown;
 
 /// Builds a client from the config; reads the CA file for `rediss://` with a private CA.
 pub fn client(config: &RedisConfig) -> Result<Client, RedisError> {
+    client_for(config, config.url.expose())
+}
+
+/// A client of `url` with the config's TLS settings.
+fn client_for(config: &RedisConfig, url: &str) -> Result<Client, RedisError> {
     match &config.tls_ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| {
@@ -29,14 +36,14 @@ pub fn client(config: &RedisConfig) -> Result<Client, RedisError> {
                 ))
             })?;
             Client::build_with_tls(
-                config.url.expose(),
+                url,
                 TlsCertificates {
                     client_tls: None,
                     root_cert: Some(pem),
                 },
             )
         }
-        None => Client::open(config.url.expose()),
+        None => Client::open(url),
     }
 }
 
@@ -282,9 +289,96 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, RedisError
         .set_response_timeout(Some(response_timeout))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2));
-    Ok(RedisConnection::Server(
-        ConnectionManager::new_with_config(client(config)?, manager_config).await?,
-    ))
+    let Some(master) = &config.sentinel_master else {
+        return Ok(RedisConnection::Server(
+            ConnectionManager::new_with_config(client(config)?, manager_config).await?,
+        ));
+    };
+    let url = sentinel_master_url(config, master).await?;
+    let mut conn =
+        ConnectionManager::new_with_config(client_for(config, &url)?, manager_config).await?;
+    // A sentinel can name a server that is no longer the master, just after a failover.
+    if !is_master(&mut conn).await? {
+        return Err(RedisError::from((
+            redis::ErrorKind::Io,
+            "the server Sentinel named is not a master (yet)",
+            master.clone(),
+        )));
+    }
+    tracing::info!(master = %master, address = %address_of(&url), "Connected to the master Sentinel names.");
+    Ok(RedisConnection::Server(conn))
+}
+
+/// `url` with the host and port of the master `master`, which the configured sentinels are
+/// asked for in turn.
+async fn sentinel_master_url(config: &RedisConfig, master: &str) -> Result<String, RedisError> {
+    let timeouts = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+        .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)));
+    let mut last_error = None;
+    for sentinel in &config.sentinels {
+        let asked = async {
+            let mut conn = Client::open(sentinel.expose())?
+                .get_multiplexed_async_connection_with_config(&timeouts)
+                .await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(master)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await
+        };
+        match asked.await {
+            Ok(Some((host, port))) => {
+                let mut url = config.url.url().clone();
+                let placed = url.set_host(Some(&host)).is_ok() && url.set_port(Some(port)).is_ok();
+                if placed {
+                    return Ok(url.to_string());
+                }
+                last_error = Some(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "Sentinel gave an address that does not fit redis.url",
+                    format!("{host}:{port}"),
+                )));
+            }
+            Ok(None) => {
+                last_error = Some(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "a sentinel does not know the master",
+                    format!("{master} at {sentinel}"),
+                )));
+            }
+            Err(e) => {
+                tracing::warn!(sentinel = %sentinel, error = %e, "Sentinel did not answer.");
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "no sentinel configured",
+        ))
+    }))
+}
+
+/// Whether the server answers `ROLE` as a master.
+async fn is_master<C: ConnectionLike + Send>(conn: &mut C) -> Result<bool, RedisError> {
+    let role: Vec<Value> = redis::cmd("ROLE").query_async(conn).await?;
+    Ok(matches!(role.first(), Some(Value::BulkString(kind)) if kind == b"master"))
+}
+
+/// `host:port` of a URL, for logs (never its credentials).
+fn address_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or(""),
+                u.port().unwrap_or(6379)
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// Connects with backoff until Redis answers, marking `status` as it goes. `None` means
@@ -305,19 +399,44 @@ pub async fn connect_with_retry(
     Some(conn)
 }
 
-/// Keeps `status` in step with whether Redis answers `PING`, until shutdown.
-pub async fn probe(conn: RedisConnection, status: DependencyStatus, shutdown: Shutdown) {
+/// Keeps `status` in step with whether Redis answers `PING`, until shutdown. Behind Sentinel
+/// the server must also still be the master, and after a few failed probes in a row the
+/// sentinels are asked again where the master is.
+pub async fn probe(
+    conn: RedisConnection,
+    config: RedisConfig,
+    status: DependencyStatus,
+    shutdown: Shutdown,
+) {
+    let state = Arc::new(tokio::sync::Mutex::new((conn, 0u32)));
+    let config = Arc::new(config);
     crate::retry::probe_loop(status, shutdown, Duration::from_secs(2), move || {
-        let mut conn = conn.clone();
+        let (state, config) = (Arc::clone(&state), Arc::clone(&config));
         async move {
-            redis::cmd("PING")
-                .query_async::<()>(&mut conn)
-                .await
-                .is_ok()
+            let mut state = state.lock().await;
+            let mut conn = state.0.clone();
+            let up = if config.sentinel_master.is_some() {
+                is_master(&mut conn).await.unwrap_or(false)
+            } else {
+                redis::cmd("PING")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .is_ok()
+            };
+            state.1 = if up { 0 } else { state.1 + 1 };
+            if config.sentinel_master.is_some() && state.1 % SENTINEL_ASK_AGAIN_AFTER == 0 && !up {
+                if let Ok(fresh) = connect(&config).await {
+                    state.0 = fresh;
+                }
+            }
+            up
         }
     })
     .await
 }
+
+/// Failed probes in a row after which the sentinels are asked for the master again.
+const SENTINEL_ASK_AGAIN_AFTER: u32 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,7 @@ pub fn redis(config: &RedisConfig, metrics: &Metrics, shutdown: &Shutdown) {
         if let Some(conn) =
             crate::redis_conn::connect_with_retry(&config, &status, &task_shutdown).await
         {
-            crate::redis_conn::probe(conn, status, task_shutdown).await;
+            crate::redis_conn::probe(conn, config, status, task_shutdown).await;
         }
     });
 }

@@ -223,3 +223,106 @@ impl PrivateCluster {
         anyhow::bail!("no master found")
     }
 }
+
+impl PrivateRedis {
+    /// Kills the server (`kill -9`), as a crash would; [`PrivateRedis::start_again`] brings it
+    /// back, empty.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+/// A master with one replica, watched by one sentinel that fails over quickly.
+pub struct PrivateSentinel {
+    /// The first master.
+    pub master: PrivateRedis,
+    /// Its replica.
+    pub replica: PrivateRedis,
+    /// The name the sentinel knows the master by.
+    pub master_name: String,
+    /// `redis://127.0.0.1:<port>` of the sentinel.
+    pub sentinel_url: String,
+    sentinel: std::process::Child,
+}
+
+impl PrivateSentinel {
+    /// Starts the master, its replica and the sentinel, and waits until the sentinel knows
+    /// the replica (so that it can fail over to it).
+    pub async fn start() -> anyhow::Result<Self> {
+        let master = PrivateRedis::start(&[]).await?;
+        let master_port = port_of(&master.url)?;
+        let replica =
+            PrivateRedis::start(&["--replicaof", "127.0.0.1", &master_port.to_string()]).await?;
+        let master_name = crate::unique_name("master");
+        let port = crate::process::free_port();
+        let dir = crate::process::scratch_dir("sentinel");
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\n\
+                 sentinel failover-timeout {master_name} 3000\n",
+                dir.display()
+            ),
+        )?;
+        let sentinel = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::fs::File::create(dir.join("sentinel.log"))?)
+            .spawn()?;
+        let sentinel = Self {
+            master,
+            replica,
+            master_name,
+            sentinel_url: format!("redis://127.0.0.1:{port}"),
+            sentinel,
+        };
+        let client = redis::Client::open(sentinel.sentinel_url.as_str())?;
+        for _ in 0..200 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let replicas: Result<Vec<redis::Value>, _> = redis::cmd("SENTINEL")
+                    .arg("replicas")
+                    .arg(&sentinel.master_name)
+                    .query_async(&mut conn)
+                    .await;
+                if replicas.is_ok_and(|r| !r.is_empty()) {
+                    return Ok(sentinel);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the sentinel did not find the replica")
+    }
+
+    /// The `host:port` the sentinel names as the master now.
+    pub async fn master_address(&self) -> anyhow::Result<String> {
+        let mut conn = redis::Client::open(self.sentinel_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let (host, port): (String, u16) = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query_async(&mut conn)
+            .await?;
+        Ok(format!("{host}:{port}"))
+    }
+}
+
+impl Drop for PrivateSentinel {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+    }
+}
+
+fn port_of(url: &str) -> anyhow::Result<u16> {
+    url::Url::parse(url)?
+        .port()
+        .ok_or_else(|| anyhow::anyhow!("no port in {url}"))
+}

@@ -807,6 +807,76 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Resul
     Ok(())
 }
 
+/// Redis behind Sentinel: the master crashes mid-stream, the sentinel promotes its replica,
+/// and the service finds the new master by asking the sentinel again. Writes count once a
+/// replica holds them (`wait_replicas = 1`), so they wait, not ready, until the old master is
+/// back as the new one's replica; then everything drains to the new master, nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_sentinel_a_crashed_master_is_replaced_by_the_one_sentinel_names_without_loss(
+) -> Result<()> {
+    let mut sentinel = fleet_tests::private_redis::PrivateSentinel::start().await?;
+    let scenario = Scenario::new("sentinel", PARTITIONS).await?;
+    let (records, highest) = shuffled_orders(300, 6_000);
+    let (before, after) = records.split_at(3_000);
+    let mut service = scenario
+        .service("")
+        // The host and port are the sentinel's to give: this address is never used.
+        .env("REDIS_URL", "redis://127.0.0.1:1/0")
+        .env(
+            "ORDER_CACHER__REDIS__SENTINEL_MASTER",
+            &sentinel.master_name,
+        )
+        .env(
+            "ORDER_CACHER__REDIS__SENTINELS",
+            format!("[{:?}]", sentinel.sentinel_url),
+        )
+        .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, before).await?;
+    wait_handled(&service, before.len() as f64, DRAIN).await?;
+
+    let first_master = sentinel.master_address().await?;
+    sentinel.master.kill()?;
+    kafka::produce(&producer, &scenario.topic, after).await?;
+    service.wait_readyz(503, Duration::from_secs(20)).await?;
+    wait_for(
+        "the sentinel to promote the replica",
+        Duration::from_secs(30),
+        || async {
+            let now = sentinel.master_address().await?;
+            Ok((now != first_master).then_some(()))
+        },
+    )
+    .await?;
+    // The old master comes back, and the sentinel makes it the new master's replica.
+    sentinel.master.start_again().await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    service.wait_ready(Duration::from_secs(30)).await?;
+    assert_highest_versions_on(&mut sentinel.replica.connect().await?, &scenario, &highest)
+        .await
+        .map_err(|e| e.context("on the promoted replica"))?;
+    ensure!(
+        sample(
+            &service,
+            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
+        )
+        .await?
+            == 0.0,
+        "nothing dead-lettered"
+    );
+    ensure!(
+        service
+            .logs()
+            .contains("Connected to the master Sentinel names."),
+        "{}",
+        service.logs()
+    );
+    service.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_out_of_memory_is_waited_out_as_not_ready_and_loses_nothing() -> Result<()> {
     let server =
