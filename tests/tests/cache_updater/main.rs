@@ -1155,6 +1155,68 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_n
     Ok(())
 }
 
+/// Redis behind Sentinel, switched over by an operator (`SENTINEL FAILOVER`) mid-stream: the
+/// old master drops its clients and turns replica, the writes fail for a moment, every shard
+/// asks the sentinel again and follows the new master, and nothing is lost, sent round the
+/// queue or dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_sentinel_a_switchover_is_followed_without_loss_or_dead_letters() -> Result<()> {
+    let sentinel = fleet_tests::private_redis::PrivateSentinel::start().await?;
+    let s = Scenario::new("cu-sentinel");
+    let mut service = s
+        .service("batch_size = 50")
+        // The host and port are the sentinel's to give: this address is never used.
+        .env("REDIS_URL", "redis://127.0.0.1:1/0")
+        .env(
+            "CACHE_UPDATER__REDIS__SENTINEL_MASTER",
+            &sentinel.master_name,
+        )
+        .env(
+            "CACHE_UPDATER__REDIS__SENTINELS",
+            format!("[{:?}]", sentinel.sentinel_url),
+        )
+        .env("CACHE_UPDATER__REDIS__WAIT_REPLICAS", "1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = shuffled_upserts(&s, 300, 6_000);
+    let (before, after) = messages.split_at(3_000);
+    let publisher = Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", before)
+        .await?;
+    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
+
+    let first_master = sentinel.master_address().await?;
+    let mut conn = redis::Client::open(sentinel.sentinel_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(&sentinel.master_name)
+        .query_async::<()>(&mut conn)
+        .await?;
+    publisher
+        .publish(&s.exchange, "cache.update", after)
+        .await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    let now_master = sentinel.master_address().await?;
+    ensure!(now_master != first_master, "the sentinel switched masters");
+    wait_highest_versions_on(&mut sentinel.replica.connect().await?, &highest).await?;
+    assert_waited_out(&service).await?;
+    let new_master = format!("\"address\":\"{now_master}\"");
+    ensure!(
+        service
+            .logs()
+            .contains("Reconnected to Redis to follow a failover.")
+            && service.logs().contains(&new_master),
+        "the writers followed the switch to {now_master}: {}",
+        service.logs()
+    );
+    service.stop().await?;
+    s.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_acl_denying_the_guards_commands_is_waited_out_not_dead_lettered() -> Result<()> {
     let s = Scenario::new("cu-acl");
