@@ -89,6 +89,21 @@ impl ServiceBuilder {
             )
     }
 
+    /// Points the service at the master `sentinel` names, through the sentinel, with a
+    /// `REDIS_URL` whose host and port must go unused.
+    pub fn on_sentinel(self, sentinel: &crate::private_redis::PrivateSentinel) -> Self {
+        let prefix = self.name.replace('-', "_").to_uppercase();
+        self.env("REDIS_URL", "redis://127.0.0.1:1/0")
+            .env(
+                &format!("{prefix}__REDIS__SENTINEL_MASTER"),
+                &sentinel.master_name,
+            )
+            .env(
+                &format!("{prefix}__REDIS__SENTINELS"),
+                format!("[{:?}]", sentinel.sentinel_url),
+            )
+    }
+
     /// Sets a config file with these TOML contents.
     pub fn config_toml(mut self, toml: impl Into<String>) -> Self {
         self.config_toml = Some(toml.into());
@@ -231,12 +246,19 @@ impl Service {
 
     /// Sends SIGTERM and expects exit code 0 within 30 s; the error carries the logs.
     pub async fn stop(&mut self) -> Result<()> {
+        self.stop_within(Duration::from_secs(30)).await
+    }
+
+    /// Sends SIGTERM and expects exit code 0 within `limit`; the error carries the logs.
+    pub async fn stop_within(&mut self, limit: Duration) -> Result<()> {
+        let started = Instant::now();
         self.sigterm()?;
-        let status = self.wait_exit(Duration::from_secs(30)).await?;
+        let status = self.wait_exit(limit).await?;
         anyhow::ensure!(
             status.code() == Some(0),
-            "{} exited {status} on SIGTERM; logs:\n{}",
+            "{} exited {status} on SIGTERM after {:?}; logs:\n{}",
             self.name,
+            started.elapsed(),
             self.logs()
         );
         Ok(())

@@ -514,15 +514,7 @@ async fn sigterm_during_a_redis_outage_exits_at_once_and_hands_back_what_it_had_
     tokio::time::sleep(Duration::from_secs(3)).await;
     let written_before_stop = handled(&service).await?;
     assert_waited_out(&service).await?;
-    let stopping = std::time::Instant::now();
-    service.sigterm()?;
-    let status = service.wait_exit(Duration::from_secs(40)).await?;
-    ensure!(
-        status.code() == Some(0) && stopping.elapsed() < Duration::from_secs(10),
-        "exit {status:?} after {:?}:\n{}",
-        stopping.elapsed(),
-        service.logs()
-    );
+    service.stop_within(Duration::from_secs(10)).await?;
     assert_no_stale_acks(&service)?;
     let back_in_queue = fleet_tests::amqp::depth(&s.queue).await?;
     ensure!(
@@ -1126,27 +1118,15 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_n
     let mut cluster = fleet_tests::private_redis::PrivateCluster::start_with_replicas(2).await?;
     let s = Scenario::new("cu-cluster-failover");
     let seed = cluster.nodes[0].url.clone();
-    let mut service = s
-        .service("batch_size = 50")
-        .on_cluster(&cluster)
-        .env("CACHE_UPDATER__REDIS__WAIT_REPLICAS", "1")
-        .spawn()?;
-    service.wait_ready(READY).await?;
-    let (messages, highest) = shuffled_upserts(&s, 300, 6_000);
-    let (before, after) = messages.split_at(3_000);
-    let publisher = Publisher::new().await?;
-    publisher
-        .publish(&s.exchange, "cache.update", before)
-        .await?;
-    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
-
     // The master the service was pointed at dies; until its replica has taken over, writes
     // to its slots fail, and they are waited out rather than sent round the queue.
-    let killed = cluster.kill_a_master().await?;
-    ensure!(killed == seed, "the seed {seed} is a master");
-    publisher
-        .publish(&s.exchange, "cache.update", after)
-        .await?;
+    let builder = s.service("batch_size = 50").on_cluster(&cluster);
+    let kill_the_seed = async {
+        let killed = cluster.kill_a_master().await?;
+        ensure!(killed == seed, "the seed {seed} is a master");
+        Ok(())
+    };
+    let (mut service, highest) = publish_across_a_failover(&s, builder, kill_the_seed).await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
     wait_highest_versions_on(&mut cluster.client().await?, &highest).await?;
     assert_waited_out(&service).await?;
@@ -1163,41 +1143,20 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_and_dead_letters_n
 async fn behind_sentinel_a_switchover_is_followed_without_loss_or_dead_letters() -> Result<()> {
     let sentinel = fleet_tests::private_redis::PrivateSentinel::start().await?;
     let s = Scenario::new("cu-sentinel");
-    let mut service = s
-        .service("batch_size = 50")
-        // The host and port are the sentinel's to give: this address is never used.
-        .env("REDIS_URL", "redis://127.0.0.1:1/0")
-        .env(
-            "CACHE_UPDATER__REDIS__SENTINEL_MASTER",
-            &sentinel.master_name,
-        )
-        .env(
-            "CACHE_UPDATER__REDIS__SENTINELS",
-            format!("[{:?}]", sentinel.sentinel_url),
-        )
-        .env("CACHE_UPDATER__REDIS__WAIT_REPLICAS", "1")
-        .spawn()?;
-    service.wait_ready(READY).await?;
-    let (messages, highest) = shuffled_upserts(&s, 300, 6_000);
-    let (before, after) = messages.split_at(3_000);
-    let publisher = Publisher::new().await?;
-    publisher
-        .publish(&s.exchange, "cache.update", before)
-        .await?;
-    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
-
     let first_master = sentinel.master_address().await?;
-    let mut conn = redis::Client::open(sentinel.sentinel_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    redis::cmd("SENTINEL")
-        .arg("FAILOVER")
-        .arg(&sentinel.master_name)
-        .query_async::<()>(&mut conn)
-        .await?;
-    publisher
-        .publish(&s.exchange, "cache.update", after)
-        .await?;
+    let builder = s.service("batch_size = 50").on_sentinel(&sentinel);
+    let switch_over = async {
+        let mut conn = redis::Client::open(sentinel.sentinel_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(&sentinel.master_name)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    };
+    let (mut service, highest) = publish_across_a_failover(&s, builder, switch_over).await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
     let now_master = sentinel.master_address().await?;
     ensure!(now_master != first_master, "the sentinel switched masters");

@@ -263,3 +263,33 @@ pub async fn assert_waited_out_through(service: &Service, spell: Duration) -> Re
     }
     assert_waited_out(service).await
 }
+
+/// Starts `service` with a write that counts once a replica holds it, and publishes 6,000
+/// shuffled upserts over 300 keys around `fail_over`: half before it (and handled), half after
+/// it. Returns the started service and each key's highest version, for the caller to drain
+/// and check against the master that is left.
+pub async fn publish_across_a_failover<F>(
+    s: &Scenario,
+    service: ServiceBuilder,
+    fail_over: F,
+) -> Result<(Service, BTreeMap<String, u64>)>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let mut service = service
+        .env("CACHE_UPDATER__REDIS__WAIT_REPLICAS", "1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (messages, highest) = shuffled_upserts(s, 300, 6_000);
+    let (before, after) = messages.split_at(3_000);
+    let publisher = fleet_tests::amqp::Publisher::new().await?;
+    publisher
+        .publish(&s.exchange, "cache.update", before)
+        .await?;
+    wait_handled(&[&service], before.len() as f64, DRAIN).await?;
+    fail_over.await?;
+    publisher
+        .publish(&s.exchange, "cache.update", after)
+        .await?;
+    Ok((service, highest))
+}

@@ -258,14 +258,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_f
             "the message is kept as it was"
         );
     }
-    ensure!(
-        sample(
-            &service,
-            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
-        )
-        .await?
-            == poison.len() as f64
-    );
+    ensure!(dead_lettered(&service).await? == poison.len() as f64);
     ensure!(
         sample(
             &service,
@@ -285,11 +278,8 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_f
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ten_second_redis_cut_loses_nothing_and_memory_stays_bounded() -> Result<()> {
     let scenario = Scenario::new("rediscut", PARTITIONS).await?;
-    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    let mut service = scenario
-        .service("")
-        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
-        .spawn()?;
+    let (service, proxy) = scenario.service_behind_a_proxy().await?;
+    let mut service = service.spawn()?;
     service.wait_ready(READY).await?;
 
     let (records, highest) = shuffled_orders(500, 20_000);
@@ -375,11 +365,8 @@ async fn sigterm_under_load_commits_what_was_written_and_restart_reprocesses_not
 async fn sigterm_during_a_redis_outage_exits_at_once_and_commits_only_what_was_written(
 ) -> Result<()> {
     let scenario = Scenario::new("cutstop", PARTITIONS).await?;
-    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    let mut service = scenario
-        .service("")
-        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
-        .spawn()?;
+    let (service, proxy) = scenario.service_behind_a_proxy().await?;
+    let mut service = service.spawn()?;
     service.wait_ready(READY).await?;
     let (records, highest) = shuffled_orders(500, 6_000);
     let producer = kafka::producer()?;
@@ -391,15 +378,7 @@ async fn sigterm_during_a_redis_outage_exits_at_once_and_commits_only_what_was_w
     service.wait_readyz(503, Duration::from_secs(20)).await?;
     // Long enough for the new messages' batches to be failing and retried.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let stopping = std::time::Instant::now();
-    service.sigterm()?;
-    let status = service.wait_exit(Duration::from_secs(40)).await?;
-    ensure!(
-        status.code() == Some(0) && stopping.elapsed() < Duration::from_secs(10),
-        "exit {status:?} after {:?}:\n{}",
-        stopping.elapsed(),
-        service.logs()
-    );
+    service.stop_within(Duration::from_secs(10)).await?;
     let committed = kafka::committed_total(&scenario.group, &scenario.topic, PARTITIONS).await?;
     ensure!(
         (3_000..6_000).contains(&committed),
@@ -776,30 +755,24 @@ async fn a_redis_cluster_master_failing_over_mid_stream_loses_nothing() -> Resul
     // Two replicas each, so a promoted replica still has one to confirm writes.
     let mut cluster = PrivateCluster::start_with_replicas(2).await?;
     let scenario = Scenario::new("cluster-failover", PARTITIONS).await?;
-    let (records, highest) = shuffled_orders(300, 6_000);
-    let (before, after) = records.split_at(3_000);
     let cluster_seed = cluster.nodes[0].url.clone();
     // Writes count once a replica holds them: the master that dies takes along any writes
-    // it had not passed on yet.
-    let mut service = scenario
-        .service("")
-        .on_cluster(&cluster)
-        .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
-        .spawn()?;
-    service.wait_ready(READY).await?;
-    let producer = kafka::producer()?;
-    kafka::produce(&producer, &scenario.topic, before).await?;
-    wait_handled(&service, before.len() as f64, DRAIN).await?;
-
-    // The master the service was pointed at dies; until its replica has taken over, writes
-    // to its slots fail and are retried, and the other seeds lead the client back.
-    let killed = cluster.kill_a_master().await?;
-    ensure!(
-        killed == cluster_seed,
-        "the seed {cluster_seed} is a master"
-    );
-    kafka::produce(&producer, &scenario.topic, after).await?;
-    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    // it had not passed on yet. The master the service was pointed at dies; until its replica
+    // has taken over, writes to its slots fail and are retried, and the other seeds lead the
+    // client back.
+    let builder = scenario.service("").on_cluster(&cluster);
+    let mut killed = String::new();
+    let kill_the_seed = async {
+        killed = cluster.kill_a_master().await?;
+        ensure!(
+            killed == cluster_seed,
+            "the seed {cluster_seed} is a master"
+        );
+        Ok(())
+    };
+    let (mut service, highest) =
+        produce_across_a_failover(&scenario, builder, kill_the_seed).await?;
+    wait_handled(&service, 6_000.0, DRAIN).await?;
     assert_highest_versions_on(&mut cluster.client().await?, &scenario, &highest)
         .await
         .map_err(|e| e.context(format!("after {killed} was killed")))?;
@@ -816,30 +789,10 @@ async fn behind_sentinel_a_crashed_master_is_replaced_by_the_one_sentinel_names_
 ) -> Result<()> {
     let mut sentinel = fleet_tests::private_redis::PrivateSentinel::start().await?;
     let scenario = Scenario::new("sentinel", PARTITIONS).await?;
-    let (records, highest) = shuffled_orders(300, 6_000);
-    let (before, after) = records.split_at(3_000);
-    let mut service = scenario
-        .service("")
-        // The host and port are the sentinel's to give: this address is never used.
-        .env("REDIS_URL", "redis://127.0.0.1:1/0")
-        .env(
-            "ORDER_CACHER__REDIS__SENTINEL_MASTER",
-            &sentinel.master_name,
-        )
-        .env(
-            "ORDER_CACHER__REDIS__SENTINELS",
-            format!("[{:?}]", sentinel.sentinel_url),
-        )
-        .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
-        .spawn()?;
-    service.wait_ready(READY).await?;
-    let producer = kafka::producer()?;
-    kafka::produce(&producer, &scenario.topic, before).await?;
-    wait_handled(&service, before.len() as f64, DRAIN).await?;
-
     let first_master = sentinel.master_address().await?;
-    sentinel.master.kill()?;
-    kafka::produce(&producer, &scenario.topic, after).await?;
+    let builder = scenario.service("").on_sentinel(&sentinel);
+    let crash = async { sentinel.master.kill() };
+    let (mut service, highest) = produce_across_a_failover(&scenario, builder, crash).await?;
     service.wait_readyz(503, Duration::from_secs(20)).await?;
     wait_for(
         "the sentinel to promote the replica",
@@ -852,18 +805,13 @@ async fn behind_sentinel_a_crashed_master_is_replaced_by_the_one_sentinel_names_
     .await?;
     // The old master comes back, and the sentinel makes it the new master's replica.
     sentinel.master.start_again().await?;
-    wait_handled(&service, records.len() as f64, DRAIN).await?;
+    wait_handled(&service, 6_000.0, DRAIN).await?;
     service.wait_ready(Duration::from_secs(30)).await?;
     assert_highest_versions_on(&mut sentinel.replica.connect().await?, &scenario, &highest)
         .await
         .map_err(|e| e.context("on the promoted replica"))?;
     ensure!(
-        sample(
-            &service,
-            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
-        )
-        .await?
-            == 0.0,
+        dead_lettered(&service).await? == 0.0,
         "nothing dead-lettered"
     );
     ensure!(
@@ -1125,12 +1073,7 @@ async fn an_acl_denying_the_guards_commands_stalls_as_not_ready_rather_than_dead
     wait_handled(&service, records.len() as f64, DRAIN).await?;
     assert_highest_versions(&scenario, &highest).await?;
     ensure!(
-        sample(
-            &service,
-            "order_cacher_messages_total{outcome=\"dead_lettered\"}"
-        )
-        .await?
-            == 0.0,
+        dead_lettered(&service).await? == 0.0,
         "nothing dead-lettered"
     );
     service.stop().await?;

@@ -76,14 +76,21 @@ version_field = "version"
     /// lasts seconds, so a fault can be made to come mid-stream. Keep the proxy as long as the
     /// service.
     pub async fn slow_service(&self, consumer: &str) -> Result<(ServiceBuilder, FaultProxy)> {
-        let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+        let (service, redis) = self.service_behind_a_proxy().await?;
         redis.set_delay(Duration::from_millis(20));
+        let service = service.config_toml(
+            self.config("")
+                .replace("linger_ms = 5", &format!("linger_ms = 5\n{consumer}")),
+        );
+        Ok((service, redis))
+    }
+
+    /// The service, reaching Redis through a fault proxy that can cut it. Keep the proxy as
+    /// long as the service.
+    pub async fn service_behind_a_proxy(&self) -> Result<(ServiceBuilder, FaultProxy)> {
+        let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
         let service = self
             .service("")
-            .config_toml(
-                self.config("")
-                    .replace("linger_ms = 5", &format!("linger_ms = 5\n{consumer}")),
-            )
             .env("REDIS_URL", format!("redis://{}", redis.addr()));
         Ok((service, redis))
     }
@@ -234,4 +241,39 @@ pub async fn restart_and_expect_only_the_uncommitted(
 
 pub async fn sample(service: &Service, sample: &str) -> Result<f64> {
     Ok(service.metric(sample).await?.unwrap_or(0.0))
+}
+
+/// Messages the service dead-lettered so far.
+pub async fn dead_lettered(service: &Service) -> Result<f64> {
+    sample(
+        service,
+        r#"order_cacher_messages_total{outcome="dead_lettered"}"#,
+    )
+    .await
+}
+
+/// Starts `service` with a write that counts once a replica holds it, and produces 6,000
+/// shuffled orders over 300 ids around `fail_over`: half before it (and handled), half after
+/// it. Returns the started service and each order's highest version, for the caller to check
+/// against the master that is left.
+pub async fn produce_across_a_failover<F>(
+    scenario: &Scenario,
+    service: ServiceBuilder,
+    fail_over: F,
+) -> Result<(Service, BTreeMap<usize, u64>)>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let mut service = service
+        .env("ORDER_CACHER__REDIS__WAIT_REPLICAS", "1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let (records, highest) = shuffled_orders(300, 6_000);
+    let (before, after) = records.split_at(3_000);
+    let producer = kafka::producer()?;
+    kafka::produce(&producer, &scenario.topic, before).await?;
+    wait_handled(&service, before.len() as f64, DRAIN).await?;
+    fail_over.await?;
+    kafka::produce(&producer, &scenario.topic, after).await?;
+    Ok((service, highest))
 }
