@@ -408,14 +408,18 @@ pub async fn probe(
     status: DependencyStatus,
     shutdown: Shutdown,
 ) {
-    let state = Arc::new(tokio::sync::Mutex::new((conn, 0u32)));
+    let behind_sentinel = config.sentinel_master.is_some();
+    let state = Arc::new(tokio::sync::Mutex::new(ProbeState {
+        conn,
+        failures_in_a_row: 0,
+    }));
     let config = Arc::new(config);
     crate::retry::probe_loop(status, shutdown, Duration::from_secs(2), move || {
         let (state, config) = (Arc::clone(&state), Arc::clone(&config));
         async move {
             let mut state = state.lock().await;
-            let mut conn = state.0.clone();
-            let up = if config.sentinel_master.is_some() {
+            let mut conn = state.conn.clone();
+            let up = if behind_sentinel {
                 is_master(&mut conn).await.unwrap_or(false)
             } else {
                 redis::cmd("PING")
@@ -423,16 +427,26 @@ pub async fn probe(
                     .await
                     .is_ok()
             };
-            state.1 = if up { 0 } else { state.1 + 1 };
-            if config.sentinel_master.is_some() && state.1 % SENTINEL_ASK_AGAIN_AFTER == 0 && !up {
+            if up {
+                state.failures_in_a_row = 0;
+                return true;
+            }
+            state.failures_in_a_row += 1;
+            if behind_sentinel && state.failures_in_a_row % SENTINEL_ASK_AGAIN_AFTER == 0 {
                 if let Ok(fresh) = connect(&config).await {
-                    state.0 = fresh;
+                    state.conn = fresh;
                 }
             }
-            up
+            false
         }
     })
     .await
+}
+
+/// The probe's connection, replaced behind Sentinel when it keeps failing.
+struct ProbeState {
+    conn: RedisConnection,
+    failures_in_a_row: u32,
 }
 
 /// Failed probes in a row after which the sentinels are asked for the master again.
