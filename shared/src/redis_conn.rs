@@ -24,7 +24,7 @@ pub fn client(config: &RedisConfig) -> Result<Client, RedisError> {
     client_for(config, config.url.expose())
 }
 
-/// A client of `url` with the config's TLS settings.
+/// A client of `url` with the config's TLS settings (the same CA for sentinels and master).
 fn client_for(config: &RedisConfig, url: &str) -> Result<Client, RedisError> {
     match &config.tls_ca_file {
         Some(path) => {
@@ -318,7 +318,7 @@ async fn sentinel_master_url(config: &RedisConfig, master: &str) -> Result<Strin
     let mut last_error = None;
     for sentinel in &config.sentinels {
         let asked = async {
-            let mut conn = Client::open(sentinel.expose())?
+            let mut conn = client_for(config, sentinel.expose())?
                 .get_multiplexed_async_connection_with_config(&timeouts)
                 .await?;
             redis::cmd("SENTINEL")
