@@ -388,7 +388,14 @@ pub async fn connect_with_retry(
     status: &DependencyStatus,
     shutdown: &Shutdown,
 ) -> Option<RedisConnection> {
-    tracing::info!(url = %config.url, "Connecting to Redis.");
+    match &config.sentinel_master {
+        Some(master) => tracing::info!(
+            master = %master,
+            sentinels = %config.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "Connecting to the Redis master through Sentinel."
+        ),
+        None => tracing::info!(url = %config.url, "Connecting to Redis."),
+    }
     let conn = crate::retry::until_ok("redis connect", shutdown, || async {
         let mut conn = connect(config).await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
