@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 /// A Redis of its own, so filling its memory cannot disturb the other tests.
 pub struct PrivateRedis {
     child: Option<std::process::Child>,
@@ -15,9 +17,13 @@ impl PrivateRedis {
     /// Starts `redis-server` on a free port with `extra` arguments.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port_with_bus()?.to_string();
+        // Snapshots (for `stop`, and a replica's copy of its master) go to a scratch folder,
+        // not the tests' working directory, unless `extra` names another `--dir`.
+        let dir = crate::process::scratch_dir(&format!("redis-{port}"));
+        let dir = dir.to_str().context("a UTF-8 scratch path")?.to_owned();
         let mut args: Vec<String> = ["--bind", "127.0.0.1", "--port", &port]
             .into_iter()
-            .chain(["--save", "", "--appendonly", "no"])
+            .chain(["--save", "", "--appendonly", "no", "--dir", &dir])
             // Its own snapshot file, for `stop`, even beside other servers in one directory.
             .chain(["--dbfilename", &format!("dump-{port}.rdb")])
             .map(str::to_owned)
