@@ -284,9 +284,9 @@ impl CacheWriter {
             return;
         }
         self.status.set_up(false);
-        if e.is_transient() {
-            self.after_transient_failure().await;
-        }
+        // Not only after transient errors: a server that turned replica under a connection
+        // refuses some commands outright (`WAIT cannot be used with replica instances`).
+        self.follow_failover().await;
     }
 
     fn record_success(&mut self, started: Instant) {
@@ -301,9 +301,10 @@ impl CacheWriter {
     /// before answering never sends one, and the client keeps trying it after its replica
     /// took over. So after a few failed writes in a row the cluster connection is built
     /// anew from the seeds, which reads the topology as it is now. Behind Sentinel, the
-    /// sentinels are asked again where the master is: the old one is down, or answers
-    /// `READONLY` as a replica.
-    async fn after_transient_failure(&mut self) {
+    /// sentinels are asked again where the master is: the old one is down, or answers as a
+    /// replica. Any failure that is waited out counts, whatever its kind: a connection can
+    /// even be built anew to a master that turns replica a moment later.
+    async fn follow_failover(&mut self) {
         self.failures_in_a_row += 1;
         if !self.config.follows_failovers()
             || self.failures_in_a_row % FAILOVER_RECONNECT_AFTER != 0
