@@ -19,12 +19,8 @@ use crate::config::RedisConfig;
 use crate::observability::DependencyStatus;
 use crate::shutdown::Shutdown;
 
-/// Builds a client from the config; reads the CA file for `rediss://` with a private CA.
-pub fn client(config: &RedisConfig) -> Result<Client, RedisError> {
-    client_for(config, config.url.expose())
-}
-
-/// A client of `url` with the config's TLS settings (the same CA for sentinels and master).
+/// A client of `url` (the config's own, a master's that Sentinel named, or a sentinel's) with
+/// the config's TLS settings: it reads the CA file for `rediss://` with a private CA.
 fn client_for(config: &RedisConfig, url: &str) -> Result<Client, RedisError> {
     match &config.tls_ca_file {
         Some(path) => {
@@ -291,7 +287,11 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, RedisError
         .set_max_delay(Duration::from_secs(2));
     let Some(master) = &config.sentinel_master else {
         return Ok(RedisConnection::Server(
-            ConnectionManager::new_with_config(client(config)?, manager_config).await?,
+            ConnectionManager::new_with_config(
+                client_for(config, config.url.expose())?,
+                manager_config,
+            )
+            .await?,
         ));
     };
     let url = sentinel_master_url(config, master).await?;

@@ -238,6 +238,17 @@ impl Service {
         Ok(metric_family_sum(&self.metrics().await?, family))
     }
 
+    /// Expects `/readyz` to answer 503 naming `dependency` as down.
+    pub async fn ensure_not_ready_for(&self, dependency: &str) -> Result<()> {
+        let (status, body) = self.get("/readyz").await?;
+        anyhow::ensure!(
+            status == 503 && body.contains(&format!("{dependency}: down")),
+            "{} /readyz while {dependency} should be down: {status} {body}",
+            self.name
+        );
+        Ok(())
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
