@@ -1,5 +1,6 @@
 """The naive baseline, as the tutorials write it: pika, then one redis-py SET per message, then
-an ack per message. Prints msgs_per_sec=<n> over `--count` messages, timed from the first."""
+an ack per message. Prints msgs_per_sec=<n> over `--count` messages, timed from the first.
+`--queue` may name several queues, comma-separated: one consumer each on the one channel."""
 import argparse, json, time
 
 import pika
@@ -28,7 +29,8 @@ def on_message(ch, method, properties, body):
         ch.stop_consuming()
 
 
-channel.basic_consume(queue=args.queue, on_message_callback=on_message)
+for queue in args.queue.split(","):
+    channel.basic_consume(queue=queue, on_message_callback=on_message)
 channel.start_consuming()
 print(f"msgs_per_sec={(state['n'] - 1) / (time.time() - state['start']):.0f}")
 connection.close()

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! amqp_bench publish --queue Q --count N [--size 300] [--keys 100000] [--transient]
-//! amqp_bench bare    --queue Q --count N --prefetch P [--ack-every K]   prints msgs_per_sec=<n>
+//! amqp_bench bare    --queue Q[,Q2...] --count N --prefetch P [--ack-every K]   prints msgs_per_sec=<n>
 //! amqp_bench drain   --metrics URL --family F --count N     prints msgs_per_sec=<n>
 //! amqp_bench delete  NAME...                                deletes these queues and exchanges
 //! ```
@@ -10,7 +10,8 @@
 //! `publish` declares Q (durable) and fills it with envelope upserts of `--size`
 //! bytes over `--keys` keys, with rising versions, persistent unless `--transient`. `bare` is the broker's ceiling: it consumes
 //! with the given prefetch and only acks, with one `multiple` ack every K messages (default
-//! 1: each message). `drain` watches a service's counter
+//! 1: each message); given several queues, it takes an equal share of N from each, on a channel
+//! per queue, and times the first delivery to the last of all. `drain` watches a service's counter
 //! and times its first to its last message.
 
 use std::io::{Read, Write};
@@ -131,23 +132,58 @@ async fn publish(args: &[String]) -> Result<()> {
 }
 
 async fn bare(args: &[String]) -> Result<()> {
-    let queue = arg(args, "--queue").context("--queue")?;
+    let queues = arg(args, "--queue").context("--queue")?;
+    let queues: Vec<&str> = queues.split(',').collect();
     let count = number(args, "--count", None)?;
     let prefetch = number(args, "--prefetch", Some(1000))? as u16;
     let ack_every = number(args, "--ack-every", Some(1))?.max(1);
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // One channel and consumer per queue on one connection, as cache-updater consumes them.
+    let mut consumers = Vec::new();
+    for (i, queue) in queues.iter().enumerate() {
+        let share =
+            count / queues.len() as u64 + u64::from((i as u64) < count % queues.len() as u64);
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                (*queue).into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumers.push(tokio::spawn(ack_only(channel, consumer, share, ack_every)));
+    }
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+    for consumer in consumers {
+        let (started, finished) = consumer.await??;
+        first = match (first, started) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        last = last.max(finished);
+    }
+    let elapsed = match (first, last) {
+        (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+        _ => 0.0,
+    };
+    println!("msgs_per_sec={:.0}", (count - 1) as f64 / elapsed.max(1e-9));
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// Takes `count` deliveries, acking every `ack_every`-th with `multiple`; returns when the
+/// first and the last arrived.
+async fn ack_only(
+    channel: lapin::Channel,
+    mut consumer: lapin::Consumer,
+    count: u64,
+    ack_every: u64,
+) -> Result<(Option<Instant>, Option<Instant>)> {
     let mut n = 0;
     let mut started = None;
     while n < count {
@@ -160,10 +196,7 @@ async fn bare(args: &[String]) -> Result<()> {
                 .await?;
         }
     }
-    let elapsed = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    println!("msgs_per_sec={:.0}", (n - 1) as f64 / elapsed.max(1e-9));
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
+    Ok((started, started.map(|_| Instant::now())))
 }
 
 /// The sum of a metric family's samples, read with a plain HTTP/1.0 GET.
