@@ -121,7 +121,7 @@ impl Publisher {
 pub struct Received {
     /// The body.
     pub body: Vec<u8>,
-    /// Headers whose values are strings.
+    /// Headers whose values are strings or integers, integers in decimal.
     pub headers: Vec<(String, String)>,
 }
 
@@ -156,13 +156,7 @@ pub async fn read(queue: &str, count: usize, timeout: Duration) -> Result<Vec<Re
                         table
                             .inner()
                             .iter()
-                            .filter_map(|(k, v)| match v {
-                                AMQPValue::LongString(s) => Some((
-                                    k.to_string(),
-                                    String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                                )),
-                                _ => None,
-                            })
+                            .filter_map(|(k, v)| Some((k.to_string(), header_text(v)?)))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -185,6 +179,57 @@ pub async fn read(queue: &str, count: usize, timeout: Duration) -> Result<Vec<Re
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(received)
+}
+
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// Moves every message of `from` to the end of queue `to`, body and properties (headers
+/// included) as they are, with confirms, as an operator's shovel or "move messages" does.
+/// Returns how many it moved.
+pub async fn move_all(from: &str, to: &str) -> Result<usize> {
+    let conn = connect().await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut moved = 0;
+    while let Some(message) = channel
+        .basic_get(from.into(), BasicGetOptions::default())
+        .await?
+    {
+        let delivery = message.delivery;
+        let confirmation = channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(to),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirmation.is_ack(), "the broker nacked a moved message");
+        channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await?;
+        moved += 1;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(moved)
 }
 
 /// Messages ready in a queue (not counting unacked ones).

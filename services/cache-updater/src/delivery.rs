@@ -1,6 +1,7 @@
 //! One delivery from a queue, and the ways it can end: acked, dead-lettered with its reason,
 //! or put back on its queue for another try.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fleet::envelope::PayloadError;
@@ -13,6 +14,8 @@ use crate::metrics::PipelineMetrics;
 
 /// Header counting deliveries of a message this service put back on its queue.
 pub const DELIVERIES_HEADER: &str = "x-cache-updater-deliveries";
+/// Where a quorum queue counts earlier deliveries.
+const BROKER_DELIVERIES_HEADER: &str = "x-delivery-count";
 
 /// Why a message is dead-lettered or retried.
 #[derive(Debug)]
@@ -151,7 +154,23 @@ impl Delivery {
             .dead_letters
             .with_label_values(&[failure.reason()])
             .inc();
-        let mut headers = self.headers();
+        // A letter starts afresh: moved back to its queue once its cause is fixed, it gets
+        // `max_deliveries` new tries rather than the count it was dead-lettered with. How
+        // many it had is kept for people, in a header no consumer counts.
+        let mut headers: FieldTable = self
+            .headers()
+            .inner()
+            .iter()
+            .filter(|(name, _)| {
+                ![DELIVERIES_HEADER, BROKER_DELIVERIES_HEADER].contains(&name.as_str())
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect::<BTreeMap<_, _>>()
+            .into();
+        headers.insert(
+            "x-deliveries".into(),
+            AMQPValue::LongLongInt(i64::from(self.deliveries)),
+        );
         headers.insert("x-error-reason".into(), long(failure.reason()));
         headers.insert("x-error".into(), long(&failure.describe()));
         headers.insert("x-original-queue".into(), long(&link.queue));
@@ -287,7 +306,7 @@ fn as_count(value: &AMQPValue) -> Option<u32> {
 /// by a quorum queue's `x-delivery-count`; a redelivery without either counts as the second.
 fn count_deliveries(properties: &BasicProperties, redelivered: bool) -> u32 {
     let ours = header(properties, DELIVERIES_HEADER).and_then(as_count);
-    let broker = header(properties, "x-delivery-count").and_then(as_count);
+    let broker = header(properties, BROKER_DELIVERIES_HEADER).and_then(as_count);
     let earlier = match (ours, broker) {
         (None, None) => u32::from(redelivered),
         (a, b) => a.unwrap_or(0).saturating_add(b.unwrap_or(0)),

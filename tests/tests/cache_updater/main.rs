@@ -686,6 +686,91 @@ async fn quorum_queues_declared_by_two_replicas_flow_and_cap_deliveries() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_moved_back_to_its_queue_gets_every_try_again() -> Result<()> {
+    let s = Scenario::new("cu-replay");
+    let refused = s.key("refused");
+    let version_key = format!("__ver:{{{refused}}}");
+    let mut conn = redis().await?;
+    let _: () = conn.set(&version_key, "corrupted").await?;
+    let mut service = s
+        .service("prefetch = 10\nmax_deliveries = 3\nwrite_attempts = 1")
+        .spawn()?;
+    service.wait_ready(READY).await?;
+    let retried = "cache_updater_messages_total{op=\"upsert\",outcome=\"retried\"}";
+    let write_failed = "cache_updater_dead_letters_total{reason=\"write_failed\"}";
+    let letter_in_dlq = |letters: f64| {
+        let (service, queue) = (&service, &s.dead_letter_queue);
+        async move {
+            wait_for("the dead letter", DRAIN, || async {
+                Ok((sample(service, write_failed).await? == letters
+                    && amqp::depth(queue).await? == 1)
+                    .then_some(()))
+            })
+            .await
+        }
+    };
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &[upsert(&refused, 7)])
+        .await?;
+    letter_in_dlq(1.0).await?;
+    ensure!(sample(&service, retried).await? == 2.0);
+
+    // An operator moves the letter back to its queue as it is (a shovel, or the management
+    // UI's "move messages", keeps every header) before the cause is fixed: it gets all of
+    // `max_deliveries` again, not the one try left over from the count it was dead-lettered
+    // with.
+    ensure!(amqp::move_all(&s.dead_letter_queue, &s.queue).await? == 1);
+    letter_in_dlq(2.0).await?;
+    ensure!(sample(&service, retried).await? == 4.0);
+    ensure!(
+        sample(
+            &service,
+            "cache_updater_dead_letters_total{reason=\"max_deliveries\"}"
+        )
+        .await?
+            == 0.0
+    );
+
+    // Once the cause is fixed, moving it back applies it.
+    let _: () = conn.del(&version_key).await?;
+    ensure!(amqp::move_all(&s.dead_letter_queue, &s.queue).await? == 1);
+    wait_highest_versions(&BTreeMap::from([(refused.clone(), 7)])).await?;
+    wait_queue_drained(&s.queue, &[&service]).await?;
+    ensure!(amqp::depth(&s.dead_letter_queue).await? == 0);
+    ensure!(sample(&service, write_failed).await? == 2.0);
+    ensure!(
+        sample(
+            &service,
+            "cache_updater_messages_total{op=\"upsert\",outcome=\"applied\"}"
+        )
+        .await?
+            == 1.0
+    );
+
+    // A letter says how many deliveries it had, in a header the service does not count.
+    let other = s.key("refused-too");
+    let other_version_key = format!("__ver:{{{other}}}");
+    let _: () = conn.set(&other_version_key, "corrupted").await?;
+    Publisher::new()
+        .await?
+        .publish(&s.exchange, "cache.update", &[upsert(&other, 1)])
+        .await?;
+    let letters = amqp::read(&s.dead_letter_queue, 1, DRAIN).await?;
+    ensure!(letters[0].header("x-error-reason") == Some("write_failed"));
+    ensure!(
+        letters[0].header("x-deliveries") == Some("3"),
+        "{:?}",
+        letters[0].headers
+    );
+    ensure!(letters[0].header("x-cache-updater-deliveries").is_none());
+    service.stop().await?;
+    s.cleanup().await;
+    let _: () = conn.del(&other_version_key).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_dead_letter_exchange_is_declared_again_after_a_reconnect() -> Result<()> {
     let s = Scenario::new("cu-redeclare");
     let mut service = s.service("prefetch = 10").spawn()?;
