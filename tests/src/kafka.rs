@@ -175,6 +175,18 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     })
 }
 
+/// Every value of a header name a message carries, in order, as text.
+pub fn headers_named(message: &OwnedMessage, name: &str) -> Vec<String> {
+    use rdkafka::message::Headers;
+    message.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .filter(|h| h.key == name)
+            .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+            .collect()
+    })
+}
+
 /// The sum over a topic's partitions of a group's committed offsets.
 pub async fn committed_total(group: &str, topic: &str, partitions: i32) -> Result<i64> {
     let group = group.to_string();

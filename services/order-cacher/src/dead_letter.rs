@@ -11,7 +11,7 @@ use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -72,14 +72,29 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// The headers a dead letter adds to its message's own.
+const LETTER_HEADERS: [&str; 5] = [
+    "x-error",
+    "x-error-reason",
+    "x-original-topic",
+    "x-original-partition",
+    "x-original-offset",
+];
+
 impl DeadLetter {
     fn headers(&self) -> OwnedHeaders {
         let partition = self.partition.to_string();
         let offset = self.offset.to_string();
         let error = self.error.to_string();
-        self.headers
-            .clone()
-            .unwrap_or_default()
+        // A letter replayed to its topic and refused again carries the headers of its first
+        // letter: they give way, so each of these names appears once, with the latest value.
+        let mut headers = OwnedHeaders::new();
+        for kept in self.headers.iter().flat_map(|h| h.iter()) {
+            if !LETTER_HEADERS.contains(&kept.key) {
+                headers = headers.insert(kept);
+            }
+        }
+        headers
             .insert(header("x-error", &error))
             .insert(header("x-error-reason", self.error.reason()))
             .insert(header("x-original-topic", &self.source_topic))

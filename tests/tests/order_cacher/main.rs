@@ -276,6 +276,46 @@ async fn poison_messages_are_dead_lettered_with_their_reason_and_the_partition_f
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_letter_refused_again_names_only_its_new_reason_and_origin() -> Result<()> {
+    let scenario = Scenario::new("replayed-letter", 1).await?;
+    // A letter of another topic, replayed here by an operator with its headers as they were,
+    // and still not readable.
+    let replayed = Record::value("still not json")
+        .header("trace-id", "t1")
+        .header("x-error", "an earlier failure")
+        .header("x-error-reason", "write_refused")
+        .header("x-original-topic", "elsewhere")
+        .header("x-original-partition", "5")
+        .header("x-original-offset", "77");
+    let records = [replayed, Record::value(order(0, 1))];
+    kafka::produce(&kafka::producer()?, &scenario.topic, &records).await?;
+    let mut service = scenario.service("").spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&service, records.len() as f64, DRAIN).await?;
+
+    let dlq = format!("{}.dlq", scenario.topic);
+    let letters = kafka::read(&dlq, 1, Duration::from_secs(30)).await?;
+    let letter = &letters[0];
+    let only = |name: &str| kafka::headers_named(letter, name);
+    ensure!(
+        only("x-error-reason") == ["not_json"],
+        "{:?}",
+        only("x-error-reason")
+    );
+    ensure!(only("x-original-topic") == std::slice::from_ref(&scenario.topic));
+    ensure!(only("x-original-partition") == ["0"]);
+    ensure!(only("x-original-offset") == ["0"]);
+    ensure!(only("x-error").len() == 1 && only("x-error")[0] != "an earlier failure");
+    ensure!(
+        only("trace-id") == ["t1"],
+        "the message's own headers are kept"
+    );
+    ensure!(letter.payload() == Some(&b"still not json"[..]));
+    service.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_ten_second_redis_cut_loses_nothing_and_memory_stays_bounded() -> Result<()> {
     let scenario = Scenario::new("rediscut", PARTITIONS).await?;
     let (service, proxy) = scenario.service_behind_a_proxy().await?;
