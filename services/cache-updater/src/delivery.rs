@@ -154,23 +154,7 @@ impl Delivery {
             .dead_letters
             .with_label_values(&[failure.reason()])
             .inc();
-        // A letter starts afresh: moved back to its queue once its cause is fixed, it gets
-        // `max_deliveries` new tries rather than the count it was dead-lettered with. How
-        // many it had is kept for people, in a header no consumer counts.
-        let mut headers: FieldTable = self
-            .headers()
-            .inner()
-            .iter()
-            .filter(|(name, _)| {
-                ![DELIVERIES_HEADER, BROKER_DELIVERIES_HEADER].contains(&name.as_str())
-            })
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect::<BTreeMap<_, _>>()
-            .into();
-        headers.insert(
-            "x-deliveries".into(),
-            AMQPValue::LongLongInt(i64::from(self.deliveries)),
-        );
+        let mut headers = letter_headers(self.properties.headers().as_ref(), self.deliveries);
         headers.insert("x-error-reason".into(), long(failure.reason()));
         headers.insert("x-error".into(), long(&failure.describe()));
         headers.insert("x-original-queue".into(), long(&link.queue));
@@ -194,11 +178,7 @@ impl Delivery {
             failure,
             "Message write failed; putting it back on its queue.",
         );
-        let mut headers = self.headers();
-        headers.insert(
-            DELIVERIES_HEADER.into(),
-            AMQPValue::LongLongInt(i64::from(self.deliveries)),
-        );
+        let headers = retry_headers(self.properties.headers().as_ref(), self.deliveries);
         self.copy_then_ack("", headers, Settlement::Requeue).await;
     }
 
@@ -210,10 +190,6 @@ impl Delivery {
             deliveries = self.deliveries,
             "{message}"
         );
-    }
-
-    fn headers(&self) -> FieldTable {
-        self.properties.headers().clone().unwrap_or_default()
     }
 
     /// Publishes a copy with `headers` (routed by the queue's name), and acks the original
@@ -302,6 +278,48 @@ fn as_count(value: &AMQPValue) -> Option<u32> {
     u32::try_from(n.max(0)).ok()
 }
 
+/// A message's headers without its delivery counts.
+fn without_counts(headers: Option<&FieldTable>) -> FieldTable {
+    headers
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter(|(name, _)| {
+                    ![DELIVERIES_HEADER, BROKER_DELIVERIES_HEADER].contains(&name.as_str())
+                })
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect::<BTreeMap<_, _>>()
+                .into()
+        })
+        .unwrap_or_default()
+}
+
+/// The headers of a message put back on its queue after its `deliveries`-th delivery: the
+/// whole count in this service's header. A quorum queue's `x-delivery-count` of the old
+/// message must not come along, or the copy's deliveries would be counted twice.
+fn retry_headers(headers: Option<&FieldTable>, deliveries: u32) -> FieldTable {
+    let mut headers = without_counts(headers);
+    headers.insert(
+        DELIVERIES_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(deliveries)),
+    );
+    headers
+}
+
+/// The headers of a dead letter, before its reason and origin. A letter starts afresh: moved
+/// back to its queue once its cause is fixed, it gets `max_deliveries` new tries rather than
+/// the count it was dead-lettered with. How many it had is kept for people, in a header no
+/// consumer counts.
+fn letter_headers(headers: Option<&FieldTable>, deliveries: u32) -> FieldTable {
+    let mut headers = without_counts(headers);
+    headers.insert(
+        "x-deliveries".into(),
+        AMQPValue::LongLongInt(i64::from(deliveries)),
+    );
+    headers
+}
+
 /// This delivery's number: earlier deliveries are counted by this service's retry header and
 /// by a quorum queue's `x-delivery-count`; a redelivery without either counts as the second.
 fn count_deliveries(properties: &BasicProperties, redelivered: bool) -> u32 {
@@ -349,5 +367,38 @@ mod tests {
             ("x-delivery-count", AMQPValue::LongInt(1)),
         ]);
         assert_eq!(count_deliveries(&quorum, true), 4);
+    }
+
+    #[test]
+    fn a_retried_copy_carries_its_whole_count_once() {
+        // The third delivery, the broker's second (a quorum queue redelivered it once).
+        let third = properties(&[
+            (DELIVERIES_HEADER, AMQPValue::LongLongInt(1)),
+            ("x-delivery-count", AMQPValue::LongInt(1)),
+            ("trace-id", long("t")),
+        ]);
+        let deliveries = count_deliveries(&third, true);
+        assert_eq!(deliveries, 3);
+        let copy = BasicProperties::default()
+            .with_headers(retry_headers(third.headers().as_ref(), deliveries));
+        assert_eq!(count_deliveries(&copy, false), 4, "{copy:?}");
+        assert_eq!(header(&copy, "trace-id"), Some(&long("t")));
+    }
+
+    #[test]
+    fn a_letter_counts_nothing_and_says_how_many_deliveries_it_had() {
+        let third = properties(&[
+            (DELIVERIES_HEADER, AMQPValue::LongLongInt(1)),
+            ("x-delivery-count", AMQPValue::LongInt(1)),
+            ("trace-id", long("t")),
+        ]);
+        let letter =
+            BasicProperties::default().with_headers(letter_headers(third.headers().as_ref(), 3));
+        assert_eq!(count_deliveries(&letter, false), 1, "{letter:?}");
+        assert_eq!(
+            header(&letter, "x-deliveries"),
+            Some(&AMQPValue::LongLongInt(3))
+        );
+        assert_eq!(header(&letter, "trace-id"), Some(&long("t")));
     }
 }
