@@ -306,6 +306,29 @@ impl PrivateSentinel {
         anyhow::bail!("the sentinel did not find the replica")
     }
 
+    /// Has the sentinel switch masters, as an operator does (`SENTINEL FAILOVER`), and waits
+    /// until it names the new one: the command only starts the failover.
+    pub async fn switch_over(&self) -> anyhow::Result<()> {
+        let before = self.master_address().await?;
+        let mut conn = redis::Client::open(self.sentinel_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(&self.master_name)
+            .query_async::<()>(&mut conn)
+            .await?;
+        crate::wait_for(
+            "the sentinel to name a new master",
+            Duration::from_secs(30),
+            || {
+                let before = before.clone();
+                async move { Ok((self.master_address().await? != before).then_some(())) }
+            },
+        )
+        .await
+    }
+
     /// The `host:port` the sentinel names as the master now.
     pub async fn master_address(&self) -> anyhow::Result<String> {
         let mut conn = redis::Client::open(self.sentinel_url.as_str())?

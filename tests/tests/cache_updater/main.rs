@@ -1226,18 +1226,8 @@ async fn behind_sentinel_a_switchover_is_followed_without_loss_or_dead_letters()
     let s = Scenario::new("cu-sentinel");
     let first_master = sentinel.master_address().await?;
     let builder = s.service("batch_size = 50").on_sentinel(&sentinel);
-    let switch_over = async {
-        let mut conn = redis::Client::open(sentinel.sentinel_url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?;
-        redis::cmd("SENTINEL")
-            .arg("FAILOVER")
-            .arg(&sentinel.master_name)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
-    };
-    let (mut service, highest) = publish_across_a_failover(&s, builder, switch_over).await?;
+    let (mut service, highest) =
+        publish_across_a_failover(&s, builder, sentinel.switch_over()).await?;
     wait_queue_drained(&s.queue, &[&service]).await?;
     let now_master = sentinel.master_address().await?;
     ensure!(now_master != first_master, "the sentinel switched masters");
