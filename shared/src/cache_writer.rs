@@ -303,17 +303,26 @@ impl CacheWriter {
     /// anew from the seeds, which reads the topology as it is now. Behind Sentinel, the
     /// sentinels are asked again where the master is: the old one is down, or answers as a
     /// replica. Any failure that is waited out counts, whatever its kind: a connection can
-    /// even be built anew to a master that turns replica a moment later.
+    /// even be built anew to a master that turns replica a moment later. Behind Sentinel the
+    /// sentinels are also asked at every failure, and a master they no longer name is left
+    /// at once.
     async fn follow_failover(&mut self) {
         self.failures_in_a_row += 1;
-        if !self.config.follows_failovers()
-            || self.failures_in_a_row % FAILOVER_RECONNECT_AFTER != 0
-        {
+        if !self.config.follows_failovers() {
+            return;
+        }
+        let moved =
+            crate::redis_conn::sentinel_names_another_master(&self.config, &self.conn).await;
+        if !moved && self.failures_in_a_row % FAILOVER_RECONNECT_AFTER != 0 {
             return;
         }
         match crate::redis_conn::connect(&self.config).await {
             Ok(conn) => {
-                tracing::info!("Reconnected to Redis to follow a failover.");
+                tracing::info!(
+                    failures_in_a_row = self.failures_in_a_row,
+                    sentinel_named_another_master = moved,
+                    "Reconnected to Redis to follow a failover."
+                );
                 self.conn = conn;
             }
             Err(e) => tracing::warn!(error = %e, "Could not reconnect to Redis after a failover."),

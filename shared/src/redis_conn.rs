@@ -48,6 +48,8 @@ fn client_for(config: &RedisConfig, url: &str) -> Result<Client, RedisError> {
 pub enum RedisConnection {
     /// One server.
     Server(ConnectionManager),
+    /// The master Sentinel named, at this `host:port`.
+    Sentinel(ConnectionManager, Arc<str>),
     /// A Redis Cluster: each command goes to the node owning its keys' slot, and a pipeline to
     /// the node of its first key, so a pipeline must keep to one slot (but see
     /// [`SlotRouting::on_node`]). The slot map is shared by the connection's clones.
@@ -58,6 +60,14 @@ impl RedisConnection {
     /// Whether this is a cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConnection::Cluster(..))
+    }
+
+    /// Behind Sentinel, the `host:port` of the master this connects to.
+    pub fn sentinel_master(&self) -> Option<&str> {
+        match self {
+            RedisConnection::Sentinel(_, address) => Some(address),
+            _ => None,
+        }
     }
 }
 
@@ -237,7 +247,9 @@ impl ConnectionLike for Routed {
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            RedisConnection::Server(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Server(conn) | RedisConnection::Sentinel(conn, _) => {
+                conn.req_packed_command(cmd)
+            }
             RedisConnection::Cluster(conn, _) => conn.req_packed_command(cmd),
         }
     }
@@ -249,14 +261,16 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            RedisConnection::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Server(conn) | RedisConnection::Sentinel(conn, _) => {
+                conn.req_packed_commands(pipeline, offset, count)
+            }
             RedisConnection::Cluster(conn, _) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            RedisConnection::Server(conn) => conn.get_db(),
+            RedisConnection::Server(conn) | RedisConnection::Sentinel(conn, _) => conn.get_db(),
             RedisConnection::Cluster(conn, _) => conn.get_db(),
         }
     }
@@ -305,8 +319,23 @@ pub async fn connect(config: &RedisConfig) -> Result<RedisConnection, RedisError
             master.clone(),
         )));
     }
-    tracing::info!(master = %master, address = %address_of(&url), "Connected to the master Sentinel names.");
-    Ok(RedisConnection::Server(conn))
+    let address = address_of(&url);
+    tracing::info!(master = %master, address = %address, "Connected to the master Sentinel names.");
+    Ok(RedisConnection::Sentinel(conn, address.into()))
+}
+
+/// Behind Sentinel, whether the sentinels now name another master than the one `conn` is
+/// connected to. One question to a sentinel: cheap enough to ask after every failed write,
+/// so a writer follows a failover at its first failure after the switch rather than after
+/// its backoff has grown over several more.
+pub async fn sentinel_names_another_master(config: &RedisConfig, conn: &RedisConnection) -> bool {
+    let (Some(master), Some(current)) = (&config.sentinel_master, conn.sentinel_master()) else {
+        return false;
+    };
+    match sentinel_master_url(config, master).await {
+        Ok(url) => address_of(&url) != current,
+        Err(_) => false,
+    }
 }
 
 /// `url` with the host and port of the master `master`, which the configured sentinels are
@@ -439,7 +468,9 @@ pub async fn probe(
                 return true;
             }
             state.failures_in_a_row += 1;
-            if behind_sentinel && state.failures_in_a_row % SENTINEL_ASK_AGAIN_AFTER == 0 {
+            let ask_again = state.failures_in_a_row % SENTINEL_ASK_AGAIN_AFTER == 0
+                || sentinel_names_another_master(&config, &state.conn).await;
+            if behind_sentinel && ask_again {
                 if let Ok(fresh) = connect(&config).await {
                     state.conn = fresh;
                 }

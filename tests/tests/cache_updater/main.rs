@@ -1242,6 +1242,17 @@ async fn behind_sentinel_a_switchover_is_followed_without_loss_or_dead_letters()
         "the writers followed the switch to {now_master}: {}",
         service.logs()
     );
+    // The switch was over before the rest was published, so a writer's first failed write
+    // found the sentinel naming the new master, and it followed then, not after its backoff
+    // had grown over two more failures.
+    let followed_at_once = service.logs().lines().any(|line| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|event| {
+            event["message"] == "Reconnected to Redis to follow a failover."
+                && event["failures_in_a_row"] == 1
+                && event["sentinel_named_another_master"] == true
+        })
+    });
+    ensure!(followed_at_once, "{}", service.logs());
     service.stop().await?;
     s.cleanup().await;
     Ok(())
