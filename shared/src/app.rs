@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::config::{self, RuntimeConfig, ServiceSpec, ShutdownConfig, TelemetryConfig, Validate};
 use crate::shutdown::{os_signal, Shutdown};
@@ -16,7 +17,7 @@ use crate::shutdown::{os_signal, Shutdown};
 pub const GRACE_EXPIRED_EXIT_CODE: u8 = 3;
 
 /// A service's config, as [`main`] needs it.
-pub trait ServiceConfig: DeserializeOwned + Validate {
+pub trait ServiceConfig: DeserializeOwned + Serialize + Validate {
     /// Log and metrics settings.
     fn telemetry(&self) -> &TelemetryConfig;
     /// Shutdown settings.
@@ -31,7 +32,7 @@ struct Cli {
     /// TOML config file; its keys are overridden by the environment.
     #[arg(long, env = "CONFIG_FILE", value_name = "PATH")]
     config: Option<PathBuf>,
-    /// Load and check the config, print it with secrets masked, and exit.
+    /// Load and check the config, print it as TOML with secrets masked, and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -41,7 +42,7 @@ struct Cli {
 /// 3 when shutdown overran the grace period, 130 on a second signal.
 pub fn main<C, F, Fut, E>(spec: &ServiceSpec, run: F) -> ExitCode
 where
-    C: ServiceConfig + std::fmt::Debug,
+    C: ServiceConfig,
     F: FnOnce(C, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -56,8 +57,16 @@ where
         }
     };
     if cli.check_config {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
+        return match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: cannot print the config: {e}", spec.name);
+                ExitCode::FAILURE
+            }
+        };
     }
     crate::telemetry::init(config.telemetry().log_format);
     let grace = config.shutdown().grace_period();

@@ -22,7 +22,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::secret::{RedactedUrl, Secret};
 
@@ -242,7 +242,7 @@ fn from_figment(err: figment::Error) -> ConfigError {
 }
 
 /// Where a service's Redis is and how to talk to it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://` for TLS. ACL users go in the user part.
@@ -430,7 +430,7 @@ impl RedisConfig {
 }
 
 /// Where the Kafka cluster is, plus any librdkafka property.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Comma-separated bootstrap brokers.
@@ -439,7 +439,7 @@ pub struct KafkaConfig {
     /// librdkafka properties passed through as they are, for example `security.protocol`,
     /// `sasl.mechanism`, `sasl.username`, `sasl.password` or `ssl.ca.location`.
     /// Values of properties whose name contains `password` or `secret` are never logged.
-    #[serde(default)]
+    #[serde(default, serialize_with = "crate::secret::serialize_properties")]
     pub properties: BTreeMap<String, Secret>,
 }
 
@@ -473,7 +473,7 @@ impl KafkaConfig {
 }
 
 /// Where RabbitMQ is.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost` or `amqps://` for TLS.
@@ -511,7 +511,7 @@ impl AmqpConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One JSON object per line.
@@ -522,7 +522,7 @@ pub enum LogFormat {
 }
 
 /// Logs, metrics and health.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
@@ -533,7 +533,7 @@ pub struct TelemetryConfig {
 }
 
 /// Graceful shutdown.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// Seconds that in-flight work has to finish after SIGTERM or SIGINT before the process
@@ -558,7 +558,7 @@ impl ShutdownConfig {
 }
 
 /// The async runtime (`[runtime]`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Threads that run the service's tasks; 0 means one per CPU core. Unset, the service's
@@ -575,7 +575,7 @@ impl RuntimeConfig {
 }
 
 /// How long the version guard remembers deletes (`[version_guard]`, for the consumers).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuardConfig {
     /// How long a versioned delete's tombstone blocks older upserts, in seconds (0 keeps

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::envelope::{version_field, PayloadError};
 use crate::key_template::KeyTemplate;
@@ -13,7 +13,7 @@ use crate::version::Version;
 use crate::version_guard::{CacheKey, CacheWrite};
 
 /// How one topic's or queue's plain JSON messages map to cache entries.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntityMapping {
     /// Key template filled from the payload's fields, such as `order:{order_id}`.
@@ -81,7 +81,7 @@ impl EntityMapping {
 
 /// Marks a change that came from Redis itself (the user-change-publisher sets it), so that
 /// two-way sync between Redis and a broker does not loop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginMarker {
     /// Whether marked messages are skipped.

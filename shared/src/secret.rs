@@ -2,7 +2,9 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use url::Url;
 
 /// A connection URL whose password is redacted whenever it is printed.
@@ -122,6 +124,36 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// Printed (`--check-config`) with its password masked, as in logs.
+impl Serialize for RedactedUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Printed as `***`, as in logs.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("***")
+    }
+}
+
+/// Client properties for printing: values of credentials ([`is_sensitive_property`]) masked,
+/// the others shown, so that `security.protocol` and the like can be checked.
+pub fn serialize_properties<S: Serializer>(
+    properties: &BTreeMap<String, Secret>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(properties.iter().map(|(name, value)| {
+        let shown = if is_sensitive_property(name) {
+            "***"
+        } else {
+            value.expose()
+        };
+        (name, shown)
+    }))
 }
 
 impl fmt::Debug for Secret {

@@ -9,10 +9,10 @@ use fleet::config::{
 };
 use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything cache-updater can be told. Unknown keys are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheUpdaterConfig {
     /// Redis connection.
@@ -47,7 +47,7 @@ pub struct CacheUpdaterConfig {
 }
 
 /// What is declared on the broker besides the queues themselves.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopologyConfig {
     /// Exchange the queues are bound to; empty uses the default exchange (no bindings).
@@ -96,7 +96,7 @@ fn default_dead_letter_queue() -> String {
 }
 
 /// One queue, its bindings, and the mapping of its plain entity messages.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Queue name.
@@ -159,7 +159,7 @@ fn default_queues() -> Vec<QueueConfig> {
 }
 
 /// How messages are taken from the broker and written to Redis.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     /// Unacked messages the broker may send each queue's consumer (basic.qos). Bounds memory

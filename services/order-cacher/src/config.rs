@@ -10,10 +10,10 @@ use fleet::config::{
 };
 use fleet::key_template::KeyTemplate;
 use fleet::mapping::{EntityMapping, OriginMarker};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything order-cacher can be told. Unknown keys are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderCacherConfig {
     /// Redis connection.
@@ -46,7 +46,7 @@ pub struct OrderCacherConfig {
 }
 
 /// The consumer group and how messages are batched into Redis pipelines.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     /// Kafka consumer group; replicas with the same group share the partitions.
@@ -129,7 +129,7 @@ fn default_write_attempts() -> u32 {
 }
 
 /// One topic and how its messages become cache entries.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     /// Kafka topic name.
@@ -189,7 +189,7 @@ fn default_topics() -> Vec<TopicConfig> {
 
 /// A sorted set per group of entries, such as a user's recent orders:
 /// `ZREVRANGE user:u1:orders 0 9` then `MGET` of the members.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IndexConfig {
     /// The sorted set's key, filled from the message, such as `user:{user_id}:orders`.

@@ -4,10 +4,10 @@ use fleet::app::ServiceConfig;
 use fleet::config::{
     ConfigError, KafkaConfig, RedisConfig, RuntimeConfig, ShutdownConfig, TelemetryConfig, Validate,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything user-change-publisher can be told. Unknown keys are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserChangePublisherConfig {
     /// Redis connection.
