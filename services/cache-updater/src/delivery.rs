@@ -369,14 +369,18 @@ mod tests {
         assert_eq!(count_deliveries(&quorum, true), 4);
     }
 
-    #[test]
-    fn a_retried_copy_carries_its_whole_count_once() {
-        // The third delivery, the broker's second (a quorum queue redelivered it once).
-        let third = properties(&[
+    /// A third delivery: retried once by the service, then redelivered once by a quorum queue.
+    fn third_delivery() -> BasicProperties {
+        properties(&[
             (DELIVERIES_HEADER, AMQPValue::LongLongInt(1)),
             ("x-delivery-count", AMQPValue::LongInt(1)),
             ("trace-id", long("t")),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn a_retried_copy_carries_its_whole_count_once() {
+        let third = third_delivery();
         let deliveries = count_deliveries(&third, true);
         assert_eq!(deliveries, 3);
         let copy = BasicProperties::default()
@@ -387,11 +391,7 @@ mod tests {
 
     #[test]
     fn a_letter_counts_nothing_and_says_how_many_deliveries_it_had() {
-        let third = properties(&[
-            (DELIVERIES_HEADER, AMQPValue::LongLongInt(1)),
-            ("x-delivery-count", AMQPValue::LongInt(1)),
-            ("trace-id", long("t")),
-        ]);
+        let third = third_delivery();
         let letter =
             BasicProperties::default().with_headers(letter_headers(third.headers().as_ref(), 3));
         assert_eq!(count_deliveries(&letter, false), 1, "{letter:?}");
