@@ -173,6 +173,11 @@ pub struct ConsumerConfig {
     /// Most cache writes in one Redis pipeline; also the batch size of `warm` entries.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// How long, in milliseconds, a shard's batch that is not full waits for more writes
+    /// before it is written. Bigger batches cost Redis (and the service) less per write: 1 ms
+    /// cut Redis's CPU per message by about a quarter in drains. 0 writes at once.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
     /// Largest message body accepted; larger ones are dead-lettered (`too_large`).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -191,6 +196,7 @@ impl Default for ConsumerConfig {
             prefetch: default_prefetch(),
             shards: default_shards(),
             batch_size: default_batch_size(),
+            linger_ms: default_linger_ms(),
             max_message_bytes: default_max_message_bytes(),
             max_deliveries: default_max_deliveries(),
             write_attempts: default_write_attempts(),
@@ -208,6 +214,10 @@ fn default_shards() -> usize {
 
 fn default_batch_size() -> usize {
     500
+}
+
+fn default_linger_ms() -> u64 {
+    1
 }
 
 fn default_max_message_bytes() -> usize {
@@ -243,6 +253,12 @@ impl Validate for CacheUpdaterConfig {
             return Err(ConfigError::invalid(
                 "consumer.batch_size",
                 "must be from 1 to 10000",
+            ));
+        }
+        if consumer.linger_ms > 1_000 {
+            return Err(ConfigError::invalid(
+                "consumer.linger_ms",
+                "must be at most 1000 (a second)",
             ));
         }
         if consumer.max_message_bytes == 0 {
@@ -366,5 +382,25 @@ mod tests {
             Some(&["product.*".to_string()][..])
         );
         assert!(config.queues[1].key_template.is_none());
+    }
+
+    #[test]
+    fn a_linger_over_a_second_is_refused_by_name() {
+        let env: BTreeMap<String, String> = [(
+            "CACHE_UPDATER__CONSUMER__LINGER_MS".to_string(),
+            "5000".to_string(),
+        )]
+        .into();
+        let error = fleet::config::load::<CacheUpdaterConfig>(&crate::SPEC, None, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("consumer.linger_ms"), "{error}");
+        let env: BTreeMap<String, String> = [(
+            "CACHE_UPDATER__CONSUMER__LINGER_MS".to_string(),
+            "0".to_string(),
+        )]
+        .into();
+        let config: CacheUpdaterConfig = fleet::config::load(&crate::SPEC, None, &env).unwrap();
+        assert_eq!(config.consumer.linger_ms, 0);
     }
 }

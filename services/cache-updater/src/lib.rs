@@ -78,6 +78,7 @@ pub async fn run(config: CacheUpdaterConfig, shutdown: Shutdown) -> Result<(), E
             usize::from(consumer.prefetch),
             shard::WriterSettings {
                 batch_size: consumer.batch_size,
+                linger: std::time::Duration::from_millis(consumer.linger_ms),
                 write_attempts: consumer.write_attempts,
                 max_deliveries: consumer.max_deliveries,
             },

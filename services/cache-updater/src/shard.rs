@@ -113,6 +113,8 @@ impl Shards {
 pub struct WriterSettings {
     /// Most writes per pipeline.
     pub batch_size: usize,
+    /// How long a batch that is not full waits for more writes.
+    pub linger: Duration,
     /// Attempts of a write Redis refuses before its delivery is retried or dead-lettered.
     pub write_attempts: u32,
     /// Deliveries before a failing message is dead-lettered.
@@ -138,6 +140,9 @@ impl ShardWriter {
         let mut batch = Vec::with_capacity(self.settings.batch_size);
         let mut stopping = false;
         while jobs.recv_many(&mut batch, self.settings.batch_size).await > 0 {
+            if !stopping && batch.len() < self.settings.batch_size {
+                self.linger(&mut jobs, &mut batch, &shutdown).await;
+            }
             if stopping {
                 // Unwritten and unacked: the broker redelivers them.
                 batch.clear();
@@ -182,6 +187,30 @@ impl ShardWriter {
                         self.done(owner, Err(e)).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Gives a batch that is not full `linger` to fill, then takes what came. One timer
+    /// rather than a wake-up per arriving write; shutdown cuts it short.
+    async fn linger(
+        &self,
+        jobs: &mut mpsc::Receiver<Job>,
+        batch: &mut Vec<Job>,
+        shutdown: &Shutdown,
+    ) {
+        if self.settings.linger.is_zero() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.triggered() => {}
+            _ = tokio::time::sleep(self.settings.linger) => {}
+        }
+        while batch.len() < self.settings.batch_size {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
         }
     }
