@@ -73,9 +73,19 @@ impl Publisher {
         routing_key: &str,
         messages: &[Message],
     ) -> Result<()> {
+        let routed: Vec<(&str, &Message)> = messages.iter().map(|m| (routing_key, m)).collect();
+        self.publish_routed(exchange, &routed).await
+    }
+
+    /// [`Publisher::publish`] with a routing key per message.
+    pub async fn publish_routed(
+        &self,
+        exchange: &str,
+        messages: &[(&str, &Message)],
+    ) -> Result<()> {
         for chunk in messages.chunks(1000) {
             let mut confirms = Vec::with_capacity(chunk.len());
-            for message in chunk {
+            for (routing_key, message) in chunk {
                 let mut headers = FieldTable::default();
                 for (name, value) in &message.headers {
                     headers.insert(
@@ -90,7 +100,7 @@ impl Publisher {
                     self.channel
                         .basic_publish(
                             ShortString::from(exchange),
-                            ShortString::from(routing_key),
+                            ShortString::from(*routing_key),
                             BasicPublishOptions {
                                 mandatory: true,
                                 ..BasicPublishOptions::default()

@@ -46,6 +46,9 @@ pub struct CacheUpdaterConfig {
     pub runtime: RuntimeConfig,
 }
 
+/// The exchange type of RabbitMQ's consistent-hash plugin.
+pub const CONSISTENT_HASH_EXCHANGE: &str = "x-consistent-hash";
+
 /// What is declared on the broker besides the queues themselves.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -53,7 +56,11 @@ pub struct TopologyConfig {
     /// Exchange the queues are bound to; empty uses the default exchange (no bindings).
     #[serde(default = "default_exchange")]
     pub exchange: String,
-    /// Its type: `direct`, `topic`, `fanout` or `headers`.
+    /// Its type: `direct`, `topic`, `fanout`, `headers`, or `x-consistent-hash` (RabbitMQ's
+    /// `rabbitmq_consistent_hash_exchange` plugin), which spreads messages over the queues by a
+    /// hash of their routing key: publish each message with its cache key as routing key, and
+    /// one key's messages stay on one queue, in order, while the queues (each one broker
+    /// process) share the load. Each queue's `routing_keys` are then its weight, default `1`.
     #[serde(default = "default_exchange_type")]
     pub exchange_type: String,
     /// Exchange that dead letters are published to (a fanout bound to the dead-letter queue).
@@ -101,7 +108,8 @@ fn default_dead_letter_queue() -> String {
 pub struct QueueConfig {
     /// Queue name.
     pub name: String,
-    /// Routing keys binding the queue to the exchange; default: the queue's name.
+    /// Routing keys binding the queue to the exchange; default: the queue's name (with an
+    /// `x-consistent-hash` exchange: its weight, default `1`).
     #[serde(default)]
     pub routing_keys: Option<Vec<String>>,
     /// Key template for plain entity messages, such as `product:{product_id}`. Without it only
@@ -130,11 +138,16 @@ fn default_declare() -> bool {
 }
 
 impl QueueConfig {
-    /// The routing keys the queue is bound with.
-    pub fn routing_keys(&self) -> Vec<String> {
-        self.routing_keys
-            .clone()
-            .unwrap_or_else(|| vec![self.name.clone()])
+    /// The routing keys the queue is bound with to an exchange of `exchange_type`: by default
+    /// its name, or a weight of 1 to a consistent-hash exchange.
+    pub fn routing_keys(&self, exchange_type: &str) -> Vec<String> {
+        self.routing_keys.clone().unwrap_or_else(|| {
+            if exchange_type == CONSISTENT_HASH_EXCHANGE {
+                vec!["1".to_string()]
+            } else {
+                vec![self.name.clone()]
+            }
+        })
     }
 
     /// The mapping of plain entity messages, if the queue accepts them.
@@ -280,11 +293,33 @@ impl Validate for CacheUpdaterConfig {
             ));
         }
         let topology = &self.topology;
-        if !["direct", "topic", "fanout", "headers"].contains(&topology.exchange_type.as_str()) {
+        if ![
+            "direct",
+            "topic",
+            "fanout",
+            "headers",
+            CONSISTENT_HASH_EXCHANGE,
+        ]
+        .contains(&topology.exchange_type.as_str())
+        {
             return Err(ConfigError::invalid(
                 "topology.exchange_type",
-                "must be direct, topic, fanout or headers",
+                "must be direct, topic, fanout, headers or x-consistent-hash",
             ));
+        }
+        let weights_only = topology.exchange_type == CONSISTENT_HASH_EXCHANGE;
+        for queue in self.queues.iter().filter(|q| q.declare && weights_only) {
+            let weight = |key: &String| key.parse::<u32>().is_ok_and(|w| w > 0);
+            if !queue
+                .routing_keys(&topology.exchange_type)
+                .iter()
+                .all(weight)
+            {
+                return Err(ConfigError::invalid(
+                    "queues.routing_keys",
+                    "must be weights (positive integers) with an x-consistent-hash exchange",
+                ));
+            }
         }
         if topology.dead_letter_exchange.trim().is_empty() {
             return Err(ConfigError::invalid(
@@ -382,6 +417,35 @@ mod tests {
             Some(&["product.*".to_string()][..])
         );
         assert!(config.queues[1].key_template.is_none());
+    }
+
+    #[test]
+    fn a_consistent_hash_exchange_takes_weights_as_routing_keys() {
+        let load = |queues: &str| {
+            let env: BTreeMap<String, String> = [
+                (
+                    "CACHE_UPDATER__TOPOLOGY__EXCHANGE_TYPE".to_string(),
+                    "x-consistent-hash".to_string(),
+                ),
+                ("CACHE_UPDATER__QUEUES".to_string(), queues.to_string()),
+            ]
+            .into();
+            fleet::config::load::<CacheUpdaterConfig>(&crate::SPEC, None, &env)
+        };
+        let config = load(r#"[{name = "a"}, {name = "b", routing_keys = ["3"]}]"#).unwrap();
+        assert_eq!(
+            config.queues[0].routing_keys(&config.topology.exchange_type),
+            ["1"]
+        );
+        assert_eq!(
+            config.queues[1].routing_keys(&config.topology.exchange_type),
+            ["3"]
+        );
+        let error = load(r#"[{name = "a", routing_keys = ["product.*"]}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("queues.routing_keys"), "{error}");
+        assert!(load(r#"[{name = "a", routing_keys = ["0"]}]"#).is_err());
     }
 
     #[test]

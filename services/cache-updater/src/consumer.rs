@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::ack::{self, Settlement};
-use crate::config::{CacheUpdaterConfig, TopologyConfig};
+use crate::config::{CacheUpdaterConfig, TopologyConfig, CONSISTENT_HASH_EXCHANGE};
 use crate::decode::{Decoded, QueueRules};
 use crate::delivery::{Delivery, Failure, Link};
 use crate::metrics::{Outcome, PipelineMetrics};
@@ -297,6 +297,7 @@ async fn declare(
             "topic" => ExchangeKind::Topic,
             "fanout" => ExchangeKind::Fanout,
             "headers" => ExchangeKind::Headers,
+            CONSISTENT_HASH_EXCHANGE => ExchangeKind::Custom(CONSISTENT_HASH_EXCHANGE.into()),
             _ => ExchangeKind::Direct,
         };
         channel
@@ -377,7 +378,7 @@ async fn declare(
         if topology.exchange.is_empty() {
             continue;
         }
-        for routing_key in queue.routing_keys() {
+        for routing_key in queue.routing_keys(&topology.exchange_type) {
             channel
                 .queue_bind(
                     queue.name.as_str().into(),

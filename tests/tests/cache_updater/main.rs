@@ -233,6 +233,94 @@ async fn unversioned_writes_to_one_key_apply_in_arrival_order_while_keys_run_in_
     Ok(())
 }
 
+/// Past one queue's ceiling (one broker process per queue): a consistent-hash exchange spreads
+/// keys over queues by their routing key, and since one key always lands on the same queue,
+/// unversioned writes still apply in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consistent_hash_exchange_spreads_keys_over_queues_and_keeps_each_keys_order(
+) -> Result<()> {
+    let s = Scenario::new("cu-hash");
+    let queues = [format!("{}.1", s.queue), format!("{}.2", s.queue)];
+    let config = format!(
+        r#"
+[topology]
+exchange = "{exchange}"
+exchange_type = "x-consistent-hash"
+dead_letter_exchange = "{dlx}"
+dead_letter_queue = "{dlq}"
+
+[consumer]
+prefetch = 500
+batch_size = 20
+
+[[queues]]
+name = "{q1}"
+
+[[queues]]
+name = "{q2}"
+routing_keys = ["2"]
+"#,
+        exchange = s.exchange,
+        dlx = s.dead_letter_exchange,
+        dlq = s.dead_letter_queue,
+        q1 = queues[0],
+        q2 = queues[1],
+    );
+    let builder = || fleet_tests::ServiceBuilder::new("cache-updater").config_toml(config.clone());
+    // The first start declares the topology; the messages then wait in the queues.
+    let mut service = builder().spawn()?;
+    service.wait_ready(READY).await?;
+    service.stop().await?;
+
+    let (keys, rounds) = (300usize, 20u64);
+    let key = |k: usize| s.key(&format!("k:{k}"));
+    // Round by round, so each key's writes are spread over the whole load.
+    let messages: Vec<(String, Message)> = (1..=rounds)
+        .flat_map(|v| (0..keys).map(move |k| (k, v)))
+        .map(|(k, v)| {
+            let body = format!(
+                r#"{{"op":"upsert","key":"{}","value":{{"v":{v}}}}}"#,
+                key(k)
+            );
+            (key(k), Message::body(body))
+        })
+        .collect();
+    let routed: Vec<(&str, &Message)> = messages.iter().map(|(k, m)| (k.as_str(), m)).collect();
+    Publisher::new()
+        .await?
+        .publish_routed(&s.exchange, &routed)
+        .await?;
+    let depths = [
+        amqp::depth(&queues[0]).await?,
+        amqp::depth(&queues[1]).await?,
+    ];
+    ensure!(
+        depths.iter().sum::<u32>() as usize == messages.len() && depths.iter().all(|&d| d > 0),
+        "the exchange spread {} messages as {depths:?}",
+        messages.len()
+    );
+
+    let mut service = builder().spawn()?;
+    service.wait_ready(READY).await?;
+    wait_handled(&[&service], messages.len() as f64, DRAIN).await?;
+    let last: BTreeMap<String, u64> = (0..keys).map(|k| (key(k), rounds)).collect();
+    let wrong = wrong_versions(&last).await?;
+    ensure!(
+        wrong.is_empty(),
+        "{} keys do not hold their last write: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    for queue in &queues {
+        wait_queue_drained(queue, &[&service]).await?;
+    }
+    service.stop().await?;
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    amqp::delete(&names, &[]).await?;
+    s.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_with_reordered_duplicated_versions_end_at_the_highest_versions(
 ) -> Result<()> {
