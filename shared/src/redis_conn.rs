@@ -468,9 +468,10 @@ pub async fn probe(
                 return true;
             }
             state.failures_in_a_row += 1;
-            let ask_again = state.failures_in_a_row % SENTINEL_ASK_AGAIN_AFTER == 0
-                || sentinel_names_another_master(&config, &state.conn).await;
-            if behind_sentinel && ask_again {
+            let ask_again = behind_sentinel
+                && (state.failures_in_a_row % SENTINEL_ASK_AGAIN_AFTER == 0
+                    || sentinel_names_another_master(&config, &state.conn).await);
+            if ask_again {
                 if let Ok(fresh) = connect(&config).await {
                     state.conn = fresh;
                 }

@@ -307,18 +307,19 @@ impl Validate for CacheUpdaterConfig {
                 "must be direct, topic, fanout, headers or x-consistent-hash",
             ));
         }
-        let weights_only = topology.exchange_type == CONSISTENT_HASH_EXCHANGE;
-        for queue in self.queues.iter().filter(|q| q.declare && weights_only) {
+        if topology.exchange_type == CONSISTENT_HASH_EXCHANGE {
             let weight = |key: &String| key.parse::<u32>().is_ok_and(|w| w > 0);
-            if !queue
-                .routing_keys(&topology.exchange_type)
-                .iter()
-                .all(weight)
-            {
-                return Err(ConfigError::invalid(
-                    "queues.routing_keys",
-                    "must be weights (positive integers) with an x-consistent-hash exchange",
-                ));
+            for queue in self.queues.iter().filter(|q| q.declare) {
+                if !queue
+                    .routing_keys(&topology.exchange_type)
+                    .iter()
+                    .all(weight)
+                {
+                    return Err(ConfigError::invalid(
+                        "queues.routing_keys",
+                        "must be weights (positive integers) with an x-consistent-hash exchange",
+                    ));
+                }
             }
         }
         if topology.dead_letter_exchange.trim().is_empty() {

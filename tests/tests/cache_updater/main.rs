@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use fleet_tests::amqp::{self, Message, Publisher};
-use fleet_tests::{amqp_url, redis, redis_url, socket_addr_of, wait_for, FaultProxy};
+use fleet_tests::{amqp_url, redis, socket_addr_of, wait_for, FaultProxy};
 use redis::AsyncCommands;
 use support::*;
 
@@ -379,13 +379,10 @@ async fn kill_9_with_the_prefetch_full_loses_nothing_and_redeliveries_are_no_ops
         .publish(&s.exchange, "cache.update", &messages)
         .await?;
     // Slow Redis round trips keep the prefetch full: deliveries wait for the writers.
-    let slow_redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    slow_redis.set_delay(Duration::from_millis(50));
     let consumer = "prefetch = 300\nbatch_size = 50";
-    let mut first = s
-        .service(consumer)
-        .env("REDIS_URL", format!("redis://{}", slow_redis.addr()))
-        .spawn()?;
+    let (first, slow_redis) = s.service_behind_a_proxy(consumer).await?;
+    slow_redis.set_delay(Duration::from_millis(50));
+    let mut first = first.spawn()?;
     first.wait_ready(READY).await?;
     wait_handled(&[&first], 3_000.0, DRAIN).await?;
     // Acks go out in runs, and the broker refills the window a moment later: kill at a
@@ -580,11 +577,8 @@ async fn poison_messages_of_every_kind_reach_the_dlq_with_their_reason_while_goo
 async fn sigterm_during_a_redis_outage_exits_at_once_and_hands_back_what_it_had_not_written(
 ) -> Result<()> {
     let s = Scenario::new("cu-cutstop");
-    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
-    let mut service = s
-        .service("prefetch = 200")
-        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
-        .spawn()?;
+    let (service, proxy) = s.service_behind_a_proxy("prefetch = 200").await?;
+    let mut service = service.spawn()?;
     service.wait_ready(READY).await?;
     let (messages, highest) = ordered_upserts(&s, 500, 3_000);
     let publisher = Publisher::new().await?;
@@ -626,12 +620,9 @@ async fn sigterm_during_a_redis_outage_exits_at_once_and_hands_back_what_it_had_
 async fn a_ten_second_redis_cut_loses_nothing_holds_the_backlog_in_the_broker_and_drains(
 ) -> Result<()> {
     let s = Scenario::new("cu-rediscut");
-    let proxy = FaultProxy::start(socket_addr_of(&redis_url())).await?;
     let prefetch = 200.0;
-    let mut service = s
-        .service("prefetch = 200")
-        .env("REDIS_URL", format!("redis://{}", proxy.addr()))
-        .spawn()?;
+    let (service, proxy) = s.service_behind_a_proxy("prefetch = 200").await?;
+    let mut service = service.spawn()?;
     service.wait_ready(READY).await?;
     let (messages, highest) = ordered_upserts(&s, 1_000, 20_000);
     let publisher = Publisher::new().await?;
@@ -1045,11 +1036,11 @@ async fn a_replica_never_writes_a_delivery_the_broker_took_back_even_without_ver
         }
     };
 
-    let redis_link = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+    let (a, redis_link) = s
+        .service_behind_a_proxy("prefetch = 100\nshards = 1")
+        .await?;
     let amqp_link = FaultProxy::start(socket_addr_of(&amqp_url())).await?;
-    let mut a = s
-        .service("prefetch = 100\nshards = 1")
-        .env("REDIS_URL", format!("redis://{}", redis_link.addr()))
+    let mut a = a
         .env(
             "AMQP_URL",
             format!("amqp://guest:guest@{}/%2f", amqp_link.addr()),

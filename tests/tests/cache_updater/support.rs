@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use fleet_tests::amqp::Message;
-use fleet_tests::{redis, unique_name, wait_for, Service, ServiceBuilder};
+use fleet_tests::{
+    redis, redis_url, socket_addr_of, unique_name, wait_for, FaultProxy, Service, ServiceBuilder,
+};
 use rand::seq::SliceRandom;
 use redis::AsyncCommands;
 
@@ -67,6 +69,18 @@ version_field = "version"
         ServiceBuilder::new("cache-updater")
             .config_toml(self.config(consumer))
             .env("RUST_LOG", "info,lapin=warn")
+    }
+
+    /// The service with its Redis reached through a fault proxy, and the proxy.
+    pub async fn service_behind_a_proxy(
+        &self,
+        consumer: &str,
+    ) -> Result<(ServiceBuilder, FaultProxy)> {
+        let redis = FaultProxy::start(socket_addr_of(&redis_url())).await?;
+        let service = self
+            .service(consumer)
+            .env("REDIS_URL", format!("redis://{}", redis.addr()));
+        Ok((service, redis))
     }
 
     pub fn key(&self, name: &str) -> String {
