@@ -29,18 +29,6 @@ cargo build --release --quiet -p cache-updater --bin cache-updater --example amq
 tool=target/release/examples/amqp_bench
 bench_python
 
-# queues <prefix>: the QUEUES queue names of one contender, <prefix>.1 to <prefix>.k
-queues() { for i in $(seq 1 "$QUEUES"); do echo "$1.$i"; done; }
-
-# publish <prefix> <count>: fills each of the contender's queues with its share of <count>
-publish() {
-  local i=0 q
-  for q in $(queues "$1"); do
-    "$tool" publish --queue "$q" --count $(($2 / QUEUES + (i < $2 % QUEUES ? 1 : 0)))
-    i=$((i + 1))
-  done
-}
-
 # start_service <prefix>: runs cache-updater in the background on $PORT, consuming <prefix>'s queues
 start_service() {
   local q
@@ -61,8 +49,6 @@ TOML
   REDIS_URL=redis://127.0.0.1:6379/13 launch_service cache-updater "$tmp/config.toml"
 }
 
-list() { queues "$1" | paste -sd, -; }
-delete_amqp() { "$tool" delete "$@" >/dev/null 2>&1 || true; }
 
 tmp=$(mktemp -d)
 run=$(date +%s)

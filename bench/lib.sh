@@ -65,3 +65,23 @@ start_private_redis() {
 stop_private_redis() {
   for port in "$@"; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
 }
+
+# cpu_ticks <pid>: the user and system CPU time a process has used so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# The AMQP benchmarks' queues, through $tool (amqp_bench). With QUEUES=k a contender takes its
+# load from k queues:
+# queues <prefix>: the contender's queue names, <prefix>.1 to <prefix>.k
+queues() { for i in $(seq 1 "$QUEUES"); do echo "$1.$i"; done; }
+# list <prefix>: the same, comma-separated
+list() { queues "$1" | paste -sd, -; }
+# publish <prefix> <count>: fills each of the contender's queues with its share of <count>
+publish() {
+  local i=0 q
+  for q in $(queues "$1"); do
+    "$tool" publish --queue "$q" --count $(($2 / QUEUES + (i < $2 % QUEUES ? 1 : 0))) >/dev/null
+    i=$((i + 1))
+  done
+}
+# delete_amqp <name...>: deletes queues or exchanges, if they exist
+delete_amqp() { "$tool" delete "$@" >/dev/null 2>&1 || true; }

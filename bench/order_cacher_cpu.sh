@@ -32,12 +32,11 @@ run=$(date +%s)
 topic=bench-cpu-$run
 "$py" bench/kafka_load.py produce --topic "$topic" --count "$N" >/dev/null
 redis_pid=$(redis-cli info server | awk -F: '/^process_id/ {print $2+0}')
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 drain() {  # drain <binary> <group> [perf output]
   start_order_cacher "$1" "$topic" "$2"
   local redis_before
-  redis_before=$(ticks "$redis_pid")
+  redis_before=$(cpu_ticks "$redis_pid")
   if [[ -n ${3:-} ]]; then
     (sleep 0.5; perf record --call-graph dwarf,32768 -o "$3" -p "$service_pid" -- sleep 0.7 \
        >/dev/null 2>&1) &
@@ -46,8 +45,8 @@ drain() {  # drain <binary> <group> [perf output]
   out=$("$py" bench/kafka_load.py drain --metrics "http://127.0.0.1:$PORT/metrics" \
           --family order_cacher_messages_total --count "$N")
   local service_ticks redis_ticks
-  service_ticks=$(ticks "$service_pid")
-  redis_ticks=$(( $(ticks "$redis_pid") - redis_before ))
+  service_ticks=$(cpu_ticks "$service_pid")
+  redis_ticks=$(( $(cpu_ticks "$redis_pid") - redis_before ))
   stop_service
   local hz
   hz=$(getconf CLK_TCK)
