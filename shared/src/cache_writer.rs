@@ -13,6 +13,7 @@ use crate::observability::{latency_buckets, DependencyStatus, MetricError, Metri
 use crate::redis_conn::{RedisConnection, SlotRouting};
 use crate::shutdown::Shutdown;
 use crate::version_guard::{CacheWrite, GuardError, VersionGuard, WriteOutcome};
+use tokio::sync::watch;
 
 /// Writes batches to Redis through the version guard. Cheap to clone: clones share one
 /// multiplexed connection, which reconnects by itself.
@@ -27,6 +28,9 @@ pub struct CacheWriter {
     failures_in_a_row: u32,
     /// Attempts of a write Redis refuses before [`Stopped::Rejected`]; `None` retries on.
     rejected_after: Option<u32>,
+    /// Behind Sentinel, the master switches the sentinels announce: a new master is followed
+    /// at once, even by a writer that is backing off.
+    switches: Option<watch::Receiver<u64>>,
 }
 
 /// Tells whether a failure is a refusal of the write's own ([`CacheWriter::with_rejected_after`]).
@@ -128,6 +132,7 @@ impl CacheWriter {
             config: Arc::new(config.clone()),
             failures_in_a_row: 0,
             rejected_after: None,
+            switches: crate::redis_conn::announced_master_switches(config),
         })
     }
 
@@ -260,6 +265,7 @@ impl CacheWriter {
         &mut self,
         writes: &[CacheWrite],
     ) -> Result<Vec<WriteOutcome>, GuardError> {
+        self.follow_an_announced_switch().await;
         let started = Instant::now();
         let result = match self.guard.apply_batch(&mut self.conn, writes).await {
             Ok(outcomes) => replicated(&mut self.conn, &self.config)
@@ -345,6 +351,7 @@ impl CacheWriter {
         let mut delays = crate::retry::reconnect_backoff().build();
         let mut rejected = 0;
         loop {
+            self.follow_an_announced_switch().await;
             let Some(permit) = gate.enter() else {
                 return Err(Stopped::Refused);
             };
@@ -375,15 +382,66 @@ impl CacheWriter {
                         retry_in_ms = delay.as_millis() as u64,
                         "Cache write failed; retrying the batch."
                     );
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.triggered() => return Err(Stopped::Shutdown),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !self.back_off(delay, shutdown).await {
+                        return Err(Stopped::Shutdown);
                     }
                 }
             }
         }
     }
+
+    /// Waits `delay` before the next attempt, or less if the sentinels announce a new master
+    /// meanwhile, which is then followed at once. `false` means shutdown came first.
+    pub async fn back_off(&mut self, delay: Duration, shutdown: &Shutdown) -> bool {
+        let announced = tokio::select! {
+            biased;
+            _ = shutdown.triggered() => return false,
+            () = announced_switch(&mut self.switches) => true,
+            _ = tokio::time::sleep(delay) => false,
+        };
+        if announced {
+            self.follow_announced_master().await;
+        }
+        true
+    }
+
+    async fn follow_an_announced_switch(&mut self) {
+        let announced = self
+            .switches
+            .as_mut()
+            .is_some_and(|switches| switches.has_changed().unwrap_or(false));
+        if announced {
+            if let Some(switches) = self.switches.as_mut() {
+                switches.mark_unchanged();
+            }
+            self.follow_announced_master().await;
+        }
+    }
+
+    /// Reconnects if the sentinels name another master than this writer's. One announcement
+    /// comes from every sentinel, so most find the writer already moved.
+    async fn follow_announced_master(&mut self) {
+        if !crate::redis_conn::sentinel_names_another_master(&self.config, &self.conn).await {
+            return;
+        }
+        match crate::redis_conn::connect(&self.config).await {
+            Ok(conn) => {
+                tracing::info!("Reconnected to Redis: a sentinel announced a new master.");
+                self.conn = conn;
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not reconnect to the announced master."),
+        }
+    }
+}
+
+/// Resolves when the sentinels announce a master switch; never without Sentinel.
+async fn announced_switch(switches: &mut Option<watch::Receiver<u64>>) {
+    if let Some(switches) = switches {
+        if switches.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// With `redis.wait_replicas`, waits until that many replicas hold this connection's writes

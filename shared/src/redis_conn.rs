@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use backon::BackoffBuilder;
+use futures::StreamExt;
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
@@ -18,6 +20,7 @@ use redis::{
 use crate::config::RedisConfig;
 use crate::observability::DependencyStatus;
 use crate::shutdown::Shutdown;
+use tokio::sync::watch;
 
 /// A client of `url` (the config's own, a master's that Sentinel named, or a sentinel's) with
 /// the config's TLS settings: it reads the CA file for `rediss://` with a private CA.
@@ -336,6 +339,89 @@ pub async fn sentinel_names_another_master(config: &RedisConfig, conn: &RedisCon
         Ok(url) => address_of(&url) != current,
         Err(_) => false,
     }
+}
+
+/// Behind Sentinel, a counter of the master switches (`+switch-master`) that the sentinels
+/// announce for the configured master; `None` otherwise. Each configured sentinel is listened
+/// to on a connection of its own, re-subscribed with backoff when it drops, so the count may
+/// rise once per sentinel for one switch. The listeners stop when every receiver is gone.
+///
+/// A writer that is backing off between failed writes would otherwise learn of a failover
+/// only at its next attempt, up to the backoff's 10 s later.
+pub fn announced_master_switches(config: &RedisConfig) -> Option<watch::Receiver<u64>> {
+    let master = config.sentinel_master.clone()?;
+    let (switches, receiver) = watch::channel(0);
+    for sentinel in &config.sentinels {
+        tokio::spawn(listen_for_master_switches(
+            config.clone(),
+            sentinel.expose().to_string(),
+            master.clone(),
+            switches.clone(),
+        ));
+    }
+    Some(receiver)
+}
+
+/// The `+switch-master` channel's messages: `<master name> <old ip> <old port> <new ip> <new port>`.
+const SWITCH_MASTER: &str = "+switch-master";
+
+async fn listen_for_master_switches(
+    config: RedisConfig,
+    sentinel: String,
+    master: String,
+    switches: watch::Sender<u64>,
+) {
+    let mut delays = crate::retry::reconnect_backoff().build();
+    loop {
+        let error = tokio::select! {
+            _ = switches.closed() => return,
+            Err(e) = count_master_switches(&config, &sentinel, &master, &switches, &mut delays) => e,
+        };
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        tracing::warn!(
+            sentinel = %address_of(&sentinel),
+            error = %error,
+            retry_in_ms = delay.as_millis() as u64,
+            "Not listening for the sentinel's master switches; retrying."
+        );
+        tokio::select! {
+            _ = switches.closed() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Subscribes to one sentinel's master switches and counts those of `master` until the
+/// subscription fails; a successful subscription starts `delays` afresh.
+async fn count_master_switches(
+    config: &RedisConfig,
+    sentinel: &str,
+    master: &str,
+    switches: &watch::Sender<u64>,
+    delays: &mut backon::ExponentialBackoff,
+) -> Result<std::convert::Infallible, RedisError> {
+    let mut pubsub = tokio::time::timeout(
+        Duration::from_millis(config.connect_timeout_ms),
+        client_for(config, sentinel)?.get_async_pubsub(),
+    )
+    .await
+    .map_err(|_| RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
+    pubsub.subscribe(SWITCH_MASTER).await?;
+    *delays = crate::retry::reconnect_backoff().build();
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let Ok(text) = message.get_payload::<String>() else {
+            continue;
+        };
+        if text.split(' ').next() == Some(master) {
+            tracing::info!(master = %master, "A sentinel announced a new master.");
+            switches.send_modify(|count| *count += 1);
+        }
+    }
+    Err(RedisError::from((
+        redis::ErrorKind::Io,
+        "the sentinel closed the subscription",
+    )))
 }
 
 /// `url` with the host and port of the master `master`, which the configured sentinels are

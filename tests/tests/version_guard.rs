@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use fleet::version::Version;
 use fleet::version_guard::{version_key, CacheWrite, VersionGuard, WriteOutcome};
-use fleet_tests::private_redis::{PrivateCluster, PrivateRedis};
+use fleet_tests::private_redis::{PrivateCluster, PrivateRedis, PrivateSentinel};
 use fleet_tests::{redis, unique_name};
 use proptest::prelude::*;
 use redis::AsyncCommands;
@@ -893,5 +893,85 @@ async fn a_refused_write_leaves_no_trace_in_the_inline_form_and_does_in_the_tran
             assert!(seen.iter().any(|event| event == "rename_from"), "{seen:?}");
         }
     }
+    Ok(())
+}
+
+/// Behind Sentinel, a writer that is backing off between failed writes follows a master
+/// switch the sentinel announces (`+switch-master`) at once, not at its next attempt.
+#[tokio::test]
+async fn a_writer_backing_off_follows_the_master_a_sentinel_announces_at_once() -> anyhow::Result<()>
+{
+    use fleet::cache_writer::{CacheWriter, CacheWriterMetrics};
+    use fleet::secret::RedactedUrl;
+
+    let sentinel = PrivateSentinel::start().await?;
+    let config = fleet::config::RedisConfig {
+        // Behind Sentinel only the scheme, credentials and database of `url` are used.
+        url: RedactedUrl::parse("redis://127.0.0.1:1/0")?,
+        sentinel_master: Some(sentinel.master_name.clone()),
+        sentinels: vec![RedactedUrl::parse(&sentinel.sentinel_url)?],
+        ..Default::default()
+    };
+    let metrics = fleet::observability::Metrics::new("sentinel_switch_test")?;
+    let shutdown = fleet::shutdown::Shutdown::new();
+    let mut writer = CacheWriter::connect(
+        &config,
+        guard(),
+        metrics.readiness(),
+        CacheWriterMetrics::register(&metrics)?,
+        &shutdown,
+    )
+    .await
+    .ok_or_else(|| anyhow::anyhow!("the writer did not connect"))?;
+    let key = format!("{}:user:1", unique_name("sw"));
+    let write = |version: u64| {
+        [CacheWrite::upsert(
+            key.clone(),
+            version.to_string().into_bytes(),
+            Some(Version::new(version)),
+        )]
+    };
+    writer.try_write(&write(1)).await?;
+
+    // The announcement reaches only a subscriber: wait until the writer's listener is one.
+    let to_sentinel = redis::Client::open(sentinel.sentinel_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    fleet_tests::wait_for(
+        "the writer to subscribe to the sentinel",
+        Duration::from_secs(10),
+        || {
+            let mut to_sentinel = to_sentinel.clone();
+            async move {
+                let clients: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut to_sentinel)
+                    .await?;
+                Ok(clients.lines().any(|c| c.contains(" sub=1 ")).then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    sentinel.switch_over().await?;
+    // A backoff far longer than the test's patience: only the announcement ends it early.
+    let announced = tokio::time::timeout(
+        Duration::from_secs(30),
+        writer.back_off(Duration::from_secs(600), &shutdown),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the writer slept through the announced switch"))?;
+    assert!(announced, "no shutdown was asked");
+
+    writer.try_write(&write(2)).await?;
+    let mut new_master = redis::Client::open(sentinel.replica.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let stored: Option<String> = new_master.get(&key).await?;
+    assert_eq!(
+        stored.as_deref(),
+        Some("2"),
+        "the write went to the new master"
+    );
     Ok(())
 }

@@ -253,10 +253,8 @@ impl ShardWriter {
                 retry_in_ms = delay.as_millis() as u64,
                 "Cache write failed; retrying."
             );
-            tokio::select! {
-                biased;
-                _ = shutdown.triggered() => return Err(NotWritten::Shutdown),
-                _ = tokio::time::sleep(delay) => {}
+            if !self.cache.back_off(delay, shutdown).await {
+                return Err(NotWritten::Shutdown);
             }
         }
     }
