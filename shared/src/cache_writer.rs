@@ -405,15 +405,13 @@ impl CacheWriter {
         true
     }
 
+    /// Follows a switch announced since this writer last looked, before an attempt.
     async fn follow_an_announced_switch(&mut self) {
-        let announced = self
-            .switches
-            .as_mut()
-            .is_some_and(|switches| switches.has_changed().unwrap_or(false));
-        if announced {
-            if let Some(switches) = self.switches.as_mut() {
-                switches.mark_unchanged();
-            }
+        let Some(switches) = self.switches.as_mut() else {
+            return;
+        };
+        if switches.has_changed().unwrap_or(false) {
+            switches.mark_unchanged();
             self.follow_announced_master().await;
         }
     }
