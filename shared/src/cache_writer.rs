@@ -132,7 +132,7 @@ impl CacheWriter {
             config: Arc::new(config.clone()),
             failures_in_a_row: 0,
             rejected_after: None,
-            switches: crate::redis_conn::announced_master_switches(config),
+            switches: crate::redis_conn::announced_master_switches(config, shutdown),
         })
     }
 
@@ -322,16 +322,27 @@ impl CacheWriter {
         if !moved && self.failures_in_a_row % FAILOVER_RECONNECT_AFTER != 0 {
             return;
         }
+        if self.reconnect().await {
+            tracing::info!(
+                failures_in_a_row = self.failures_in_a_row,
+                sentinel_named_another_master = moved,
+                "Reconnected to Redis to follow a failover."
+            );
+        }
+    }
+
+    /// Connects anew, to the master the sentinels name or to the cluster as it is now; keeps
+    /// the connection it has if that fails.
+    async fn reconnect(&mut self) -> bool {
         match crate::redis_conn::connect(&self.config).await {
             Ok(conn) => {
-                tracing::info!(
-                    failures_in_a_row = self.failures_in_a_row,
-                    sentinel_named_another_master = moved,
-                    "Reconnected to Redis to follow a failover."
-                );
                 self.conn = conn;
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "Could not reconnect to Redis after a failover."),
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not reconnect to Redis after a failover.");
+                false
+            }
         }
     }
 
@@ -419,15 +430,10 @@ impl CacheWriter {
     /// Reconnects if the sentinels name another master than this writer's. One announcement
     /// comes from every sentinel, so most find the writer already moved.
     async fn follow_announced_master(&mut self) {
-        if !crate::redis_conn::sentinel_names_another_master(&self.config, &self.conn).await {
-            return;
-        }
-        match crate::redis_conn::connect(&self.config).await {
-            Ok(conn) => {
-                tracing::info!("Reconnected to Redis: a sentinel announced a new master.");
-                self.conn = conn;
-            }
-            Err(e) => tracing::warn!(error = %e, "Could not reconnect to the announced master."),
+        if crate::redis_conn::sentinel_names_another_master(&self.config, &self.conn).await
+            && self.reconnect().await
+        {
+            tracing::info!("Reconnected to Redis: a sentinel announced a new master.");
         }
     }
 }

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures::StreamExt;
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
@@ -343,12 +342,16 @@ pub async fn sentinel_names_another_master(config: &RedisConfig, conn: &RedisCon
 
 /// Behind Sentinel, a counter of the master switches (`+switch-master`) that the sentinels
 /// announce for the configured master; `None` otherwise. Each configured sentinel is listened
-/// to on a connection of its own, re-subscribed with backoff when it drops, so the count may
-/// rise once per sentinel for one switch. The listeners stop when every receiver is gone.
+/// to on a connection of its own, subscribed again (with backoff) when it drops, so the count
+/// may rise once per sentinel for one switch. The listeners stop at shutdown, or when every
+/// receiver is gone.
 ///
 /// A writer that is backing off between failed writes would otherwise learn of a failover
 /// only at its next attempt, up to the backoff's 10 s later.
-pub fn announced_master_switches(config: &RedisConfig) -> Option<watch::Receiver<u64>> {
+pub fn announced_master_switches(
+    config: &RedisConfig,
+    shutdown: &Shutdown,
+) -> Option<watch::Receiver<u64>> {
     let master = config.sentinel_master.clone()?;
     let (switches, receiver) = watch::channel(0);
     for sentinel in &config.sentinels {
@@ -357,6 +360,7 @@ pub fn announced_master_switches(config: &RedisConfig) -> Option<watch::Receiver
             sentinel.expose().to_string(),
             master.clone(),
             switches.clone(),
+            shutdown.clone(),
         ));
     }
     Some(receiver)
@@ -370,36 +374,49 @@ async fn listen_for_master_switches(
     sentinel: String,
     master: String,
     switches: watch::Sender<u64>,
+    shutdown: Shutdown,
 ) {
-    let mut delays = crate::retry::reconnect_backoff().build();
     loop {
-        let error = tokio::select! {
+        let subscribed = tokio::select! {
             _ = switches.closed() => return,
-            Err(e) = count_master_switches(&config, &sentinel, &master, &switches, &mut delays) => e,
+            subscribed = crate::retry::until_ok(
+                "subscribe to a sentinel's master switches",
+                &shutdown,
+                || subscribe_to_master_switches(&config, &sentinel),
+            ) => subscribed,
         };
-        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        let Some(mut pubsub) = subscribed else {
+            return;
+        };
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::select! {
+                _ = switches.closed() => return,
+                _ = shutdown.triggered() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else {
+                break;
+            };
+            let Ok(text) = message.get_payload::<String>() else {
+                continue;
+            };
+            if text.split(' ').next() == Some(master.as_str()) {
+                tracing::info!(master = %master, "A sentinel announced a new master.");
+                switches.send_modify(|count| *count += 1);
+            }
+        }
         tracing::warn!(
             sentinel = %address_of(&sentinel),
-            error = %error,
-            retry_in_ms = delay.as_millis() as u64,
-            "Not listening for the sentinel's master switches; retrying."
+            "The sentinel closed the subscription to its master switches; subscribing again."
         );
-        tokio::select! {
-            _ = switches.closed() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
     }
 }
 
-/// Subscribes to one sentinel's master switches and counts those of `master` until the
-/// subscription fails; a successful subscription starts `delays` afresh.
-async fn count_master_switches(
+async fn subscribe_to_master_switches(
     config: &RedisConfig,
     sentinel: &str,
-    master: &str,
-    switches: &watch::Sender<u64>,
-    delays: &mut backon::ExponentialBackoff,
-) -> Result<std::convert::Infallible, RedisError> {
+) -> Result<redis::aio::PubSub, RedisError> {
     let mut pubsub = tokio::time::timeout(
         Duration::from_millis(config.connect_timeout_ms),
         client_for(config, sentinel)?.get_async_pubsub(),
@@ -407,21 +424,7 @@ async fn count_master_switches(
     .await
     .map_err(|_| RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
     pubsub.subscribe(SWITCH_MASTER).await?;
-    *delays = crate::retry::reconnect_backoff().build();
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
-        let Ok(text) = message.get_payload::<String>() else {
-            continue;
-        };
-        if text.split(' ').next() == Some(master) {
-            tracing::info!(master = %master, "A sentinel announced a new master.");
-            switches.send_modify(|count| *count += 1);
-        }
-    }
-    Err(RedisError::from((
-        redis::ErrorKind::Io,
-        "the sentinel closed the subscription",
-    )))
+    Ok(pubsub)
 }
 
 /// `url` with the host and port of the master `master`, which the configured sentinels are
